@@ -246,3 +246,16 @@ def test_avx_vnni_covered_by_avx512_vnni():
     assert missing_build_features(cpu, {**build, "AVX512_VNNI": False}) == [
         "AVX_VNNI", "AVX512_VNNI"]
     assert missing_build_features(frozenset({"amx_int8"}), {}) == ["AMX_INT8"]
+
+
+def test_cgroup_quota_of_a_nested_v2_cgroup_takes_the_tightest_level(tmp_path):
+    root = tmp_path / "cgroup"
+    (root / "user.slice" / "app.scope").mkdir(parents=True)
+    (root / "cpu.max").write_text("max 100000\n")
+    (root / "user.slice" / "cpu.max").write_text("300000 100000\n")
+    (root / "user.slice" / "app.scope" / "cpu.max").write_text("max 100000\n")
+    self_cgroup = tmp_path / "self_cgroup"
+    self_cgroup.write_text("0::/user.slice/app.scope\n")
+    assert cgroup_cpu_quota(root, self_cgroup) == 3.0
+    self_cgroup.write_text("0::/\n")
+    assert cgroup_cpu_quota(root, self_cgroup) is None

@@ -166,16 +166,41 @@ def allowed_cpus() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
-def cgroup_cpu_quota(root: str | Path = "/sys/fs/cgroup") -> float | None:
-    """CPUs' worth of time the cgroup allows (e.g. 2.5), or None when unlimited."""
-    root = Path(root)
+def _v2_quota(directory: Path) -> float | None:
     try:
-        fields = (root / "cpu.max").read_text().split()
-        if fields[0] == "max":
-            return None
-        return int(fields[0]) / int(fields[1])
-    except (OSError, ValueError, IndexError):
-        pass
+        fields = (directory / "cpu.max").read_text().split()
+        return None if fields[0] == "max" else int(fields[0]) / int(fields[1])
+    except (OSError, ValueError, IndexError, ZeroDivisionError):
+        return None
+
+
+def _own_cgroup_dirs(root: Path, self_cgroup: Path) -> list[Path]:
+    """This process's cgroup v2 directory and its ancestors up to ``root`` (a host's slices)."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    rel = next((line[3:].strip("/") for line in lines if line.startswith("0::")), "")
+    here = root / rel
+    dirs = [here]
+    while here != root and root in here.parents:
+        here = here.parent
+        dirs.append(here)
+    return dirs
+
+
+def cgroup_cpu_quota(root: str | Path = "/sys/fs/cgroup",
+                     self_cgroup: str | Path = "/proc/self/cgroup") -> float | None:
+    """CPUs' worth of time the cgroup allows (e.g. 2.5), or None when unlimited.
+
+    cgroup v2: the tightest ``cpu.max`` on the path from this process's cgroup up to the root;
+    cgroup v1: ``cpu.cfs_quota_us / cpu.cfs_period_us``.
+    """
+    root = Path(root)
+    quotas = [q for q in (_v2_quota(d) for d in _own_cgroup_dirs(root, Path(self_cgroup)))
+              if q is not None]
+    if quotas:
+        return min(quotas)
     quota_us = _read_int(root / "cpu" / "cpu.cfs_quota_us", -1)
     period_us = _read_int(root / "cpu" / "cpu.cfs_period_us", 0)
     if quota_us > 0 and period_us > 0:
