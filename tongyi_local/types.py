@@ -47,8 +47,12 @@ class Message:
         if isinstance(value, Message):
             return value
         if isinstance(value, Mapping) and "role" in value:
+            calls = tuple(
+                ToolCall(id=c.get("id", ""), name=c["function"]["name"],
+                         arguments=c["function"].get("arguments", "{}"))
+                for c in value.get("tool_calls") or ())
             return cls(role=value["role"], content=value.get("content") or "",
-                       tool_call_id=value.get("tool_call_id"))
+                       tool_calls=calls, tool_call_id=value.get("tool_call_id"))
         raise InvalidRequestError(
             "each message must be a Message or a mapping with 'role' and 'content'")
 
@@ -195,10 +199,13 @@ class Request:
     sampling: Sampling
     prompt: str | None = None
     messages: tuple[Message, ...] | None = None
+    tools: tuple[Mapping[str, Any], ...] = ()  # OpenAI-style {"type": "function", "function": {...}}
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise InvalidRequestError("a request needs exactly one of prompt or messages")
+        if self.tools and self.messages is None:
+            raise InvalidRequestError("tools need a chat request (messages), not a raw prompt")
         if self.prompt is not None and not isinstance(self.prompt, str):
             raise InvalidRequestError(f"prompt must be text, got {type(self.prompt).__name__}")
 
@@ -215,9 +222,10 @@ class Generator(Protocol):
     def complete(self, prompt: str, sampling: Sampling | None = None, **options: Any) -> Completion: ...
 
     def chat(self, messages: Sequence[Message | Mapping[str, Any]], sampling: Sampling | None = None,
-             **options: Any) -> Completion: ...
+             *, tools: Sequence[Mapping[str, Any]] | None = None, **options: Any) -> Completion: ...
 
     def stream(self, prompt_or_messages: PromptOrMessages, sampling: Sampling | None = None,
+               *, tools: Sequence[Mapping[str, Any]] | None = None,
                **options: Any) -> Iterator[Chunk]: ...
 
     def close(self) -> None: ...

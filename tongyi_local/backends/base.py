@@ -32,15 +32,18 @@ class BaseGenerator:
         return self._drain(self._generate(self._request(prompt, None, sampling, options)))
 
     def chat(self, messages: Sequence[Message | Mapping[str, Any]], sampling: Sampling | None = None,
-             **options: Any) -> Completion:
-        return self._drain(self._generate(self._request(None, coerce_messages(messages), sampling, options)))
+             *, tools: Sequence[Mapping[str, Any]] | None = None, **options: Any) -> Completion:
+        request = self._request(None, coerce_messages(messages), sampling, options, tools)
+        return self._drain(self._generate(request))
 
     def stream(self, prompt_or_messages: PromptOrMessages, sampling: Sampling | None = None,
+               *, tools: Sequence[Mapping[str, Any]] | None = None,
                **options: Any) -> Iterator[Chunk]:
         if isinstance(prompt_or_messages, str):
-            request = self._request(prompt_or_messages, None, sampling, options)
+            request = self._request(prompt_or_messages, None, sampling, options, tools)
         else:
-            request = self._request(None, coerce_messages(prompt_or_messages), sampling, options)
+            request = self._request(None, coerce_messages(prompt_or_messages), sampling, options,
+                                    tools)
         return self._generate(request)
 
     def close(self) -> None:
@@ -56,11 +59,13 @@ class BaseGenerator:
 
     # --- helpers ----------------------------------------------------------------------------
     def _request(self, prompt: str | None, messages: tuple[Message, ...] | None,
-                 sampling: Sampling | None, options: Mapping[str, Any]) -> Request:
+                 sampling: Sampling | None, options: Mapping[str, Any],
+                 tools: Sequence[Mapping[str, Any]] | None = None) -> Request:
         if self._closed:
             raise GeneratorClosedError(f"{self.name} is closed; create a new generator")
         base = sampling if sampling is not None else self.default_sampling
-        return Request(sampling=base.merged(options), prompt=prompt, messages=messages)
+        return Request(sampling=base.merged(options), prompt=prompt, messages=messages,
+                       tools=tuple(tools or ()))
 
     @staticmethod
     def _drain(chunks: Iterator[Chunk]) -> Completion:

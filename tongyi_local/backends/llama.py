@@ -215,6 +215,8 @@ class LlamaGenerator(BaseGenerator):
         raise BackendError("chat template output did not fit its buffer")
 
     def _prompt_tokens(self, request: Request) -> list[int]:
+        if request.tools:
+            raise InvalidRequestError(f"{self.name}: the local backend does not take tools= yet")
         if request.messages is None:
             tokens = self.tokenize(request.prompt)
         else:
