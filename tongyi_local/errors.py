@@ -7,7 +7,8 @@ at the edge that meets them, so callers catch ``TongyiError`` and nothing else.
     │   └── ContextOverflowError          prompt (plus requested tokens) longer than the context
     ├── ModelError
     │   ├── ModelNotFoundError (FileNotFoundError)  no file where the model should be
-    │   └── ModelLoadError                file present but unreadable/not GGUF/rejected by llama.cpp
+    │   ├── ModelLoadError                file present but unreadable/not GGUF/rejected by llama.cpp
+    │   └── InsufficientMemoryError (MemoryError)  the model does not fit the RAM budget
     ├── BackendError                      the runtime failed while generating
     │   └── BackendUnavailableError       runtime not installed/built (e.g. llama_cpp missing)
     ├── BuildError                        building llama-cpp-python or llama.cpp's tools failed
@@ -57,6 +58,10 @@ class ModelLoadError(ModelError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"cannot load model {self.path}: {reason}")
+
+
+class InsufficientMemoryError(ModelError, MemoryError):
+    """Loading the model would exceed the pool's memory budget."""
 
 
 class BackendError(TongyiError):

@@ -1,0 +1,140 @@
+"""Role -> model spec -> generator, through the pool.
+
+Agent code asks for a role, not a file: ``for_role("coder")`` returns a cheap ``RoleGenerator``
+that applies the role's system prompt and sampling, and checks the role's model out of the pool
+for each request, so the model is loaded when first needed and may be evicted while idle.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .backends.base import BaseGenerator
+from .config import Config, ModelSpec, RoleSpec, load_config
+from .errors import ModelNotFoundError
+from .pool import ModelPool
+from .types import Chunk, Generator, Message, Request, Sampling
+
+
+def model_file(spec: ModelSpec) -> Path:
+    """Where a local model's file is (the starter model is assembled on first use)."""
+    from . import store
+
+    if spec.source == "starter":
+        return store.starter_model()
+    if spec.source == "path":
+        return Path(spec.path).expanduser()
+    return store.hub_file_path(spec.repo, spec.file, spec.revision)
+
+
+def _threads(value: int | str) -> int | None:
+    return None if value == "auto" else int(value)
+
+
+def load_model(spec: ModelSpec) -> Generator:
+    """Make the generator a model entry describes (the pool's loader)."""
+    sampling = Sampling().merged(spec.sampling)
+    if spec.backend == "llama":
+        from .backends.llama import LlamaGenerator
+
+        path = model_file(spec)
+        if not path.exists():
+            raise ModelNotFoundError(
+                f"model {spec.name} ({spec.repo}/{spec.file}) is not in the store at {path}; "
+                f"run: tongyi-local models pull {spec.name}")
+        options: dict[str, Any] = {}
+        if spec.kv_cache_type != "f16":
+            options["kv_cache_type"] = spec.kv_cache_type
+        return LlamaGenerator(path, n_ctx=spec.context_length, n_batch=spec.batch_size,
+                              n_ubatch=spec.batch_size, threads=_threads(spec.threads),
+                              batch_threads=_threads(spec.batch_threads), mmap=spec.mmap,
+                              mlock=spec.mlock, sampling=sampling, name=spec.name, **options)
+    from .backends import remote_from_spec
+
+    return remote_from_spec(spec, sampling)
+
+
+def estimate_model(spec: ModelSpec) -> int:
+    """Bytes a load needs (weights + KV cache at the configured context); remote models: 0."""
+    if spec.backend != "llama":
+        return 0
+    from .gguf_header import estimate_memory, read_header
+
+    path = model_file(spec)
+    if not path.exists():
+        raise ModelNotFoundError(f"model {spec.name} is not in the store at {path}; "
+                                 f"run: tongyi-local models pull {spec.name}")
+    return estimate_memory(read_header(path), spec.context_length, spec.kv_cache_type)
+
+
+def pool_key(spec: ModelSpec) -> tuple:
+    """Roles share a loaded model when file and load settings agree."""
+    where = (spec.source, spec.path, spec.repo, spec.file, spec.revision, spec.model_id,
+             spec.base_url)
+    return (spec.backend, where, spec.context_length, spec.batch_size, spec.kv_cache_type,
+            spec.mmap, spec.mlock, spec.threads, spec.batch_threads)
+
+
+class RoleGenerator(BaseGenerator):
+    """A role's view of its model: system prompt and sampling applied, model from the pool."""
+
+    def __init__(self, registry: Registry, role: RoleSpec, model: ModelSpec) -> None:
+        self.role, self.model, self._registry = role, model, registry
+        self.name = f"{role.name}:{model.name}"
+        self.default_sampling = Sampling().merged(model.sampling).merged(role.sampling)
+        self.remote = model.remote
+
+    def _generate(self, request: Request) -> Iterator[Chunk]:
+        messages = request.messages
+        if (messages is not None and self.role.system_prompt
+                and messages[0].role != "system"):
+            messages = (Message("system", self.role.system_prompt), *messages)
+        with self._registry.pool.checkout(pool_key(self.model), self.model, self.model.name,
+                                          self.role.name) as generator:
+            yield from generator.stream(request.prompt if messages is None else messages,
+                                        request.sampling, tools=request.tools)
+
+
+class Registry:
+    """Roles from a config, models from a pool. One per process is usually enough."""
+
+    def __init__(self, config: Config | None = None, *, pool: ModelPool | None = None,
+                 profile: str | None = None, config_path: str | Path | None = None) -> None:
+        self.config = config or load_config(config_path)
+        self.profile = profile
+        self.pool = pool or ModelPool(load_model, estimate_model)
+
+    def for_role(self, role: str) -> Generator:
+        spec = self.config.role(role, self.profile)
+        return RoleGenerator(self, spec, self.config.models[spec.model])
+
+    def roles(self) -> dict[str, ModelSpec]:
+        return {name: self.config.model_for(name, self.profile) for name in self.config.roles}
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+_default: Registry | None = None
+_default_lock = threading.Lock()
+
+
+def default_registry() -> Registry:
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Registry()
+        return _default
+
+
+def for_role(role: str, *, config_path: str | Path | None = None, profile: str | None = None,
+             **_: Any) -> Generator:
+    """A generator for ``role`` from the process-wide registry (or a one-off config/profile)."""
+    if config_path is None and profile is None:
+        return default_registry().for_role(role)
+    registry = default_registry()
+    config = load_config(config_path) if config_path else registry.config
+    return Registry(config, pool=registry.pool, profile=profile).for_role(role)
