@@ -3,6 +3,7 @@
     import tongyi_local
     with tongyi_local.load() as model:            # the packaged starter model
         print(model.complete("Hello", max_tokens=16).text)
+    coder = tongyi_local.for_role("coder")        # the model models.toml assigns to coders
 
 Importing does no I/O and does not load llama.cpp; ``load`` does.
 """
@@ -24,7 +25,7 @@ __all__ = [
     "BackendError", "BackendUnavailableError", "BuildError", "Chunk", "Completion", "ConfigError",
     "ContextOverflowError", "Generator", "GeneratorClosedError", "InvalidRequestError", "Message",
     "ModelError", "ModelLoadError", "ModelNotFoundError", "Sampling", "Timings", "TongyiError",
-    "ToolCall", "Usage", "load", "starter_model_path", "__version__",
+    "ToolCall", "Usage", "for_role", "load", "starter_model_path", "__version__",
 ]
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
@@ -42,3 +43,11 @@ def load(model_path: str | _Path | None = None, **options: _Any) -> Generator:
     from .backends.llama import LlamaGenerator
 
     return LlamaGenerator(model_path if model_path is not None else starter_model_path(), **options)
+
+
+def for_role(role: str, *, config_path: str | _Path | None = None,
+             profile: str | None = None) -> Generator:
+    """A generator for an agent role; its model is loaded on first use through the pool."""
+    from .registry import for_role as _for_role
+
+    return _for_role(role, config_path=config_path, profile=profile)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.constants import LlamaFileType
 
-from .errors import ModelLoadError, ModelNotFoundError
+from .errors import ConfigError, ModelLoadError, ModelNotFoundError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # what the pinned llama.cpp reads
@@ -204,3 +205,175 @@ def _parse(cur: _Cursor, path: Path, size: int) -> GGUFHeader:
     return GGUFHeader(path=path, version=version, size_bytes=size, metadata=metadata,
                       array_lengths=array_lengths, tensors=tuple(tensors))
 
+
+# --- inspection: summary and memory estimate ---------------------------------------------------
+# Why here: the pool's fit check and `models info` need these numbers before (and without)
+# loading, and the header walk above already has every shape and type they need.
+
+MiB = 1 << 20
+_EXPERT = re.compile(r"_exps(\.|$)")  # ffn_{gate,up,down,gate_up}_exps: routed experts
+# llama.cpp's built-in sliding-window layer pattern per architecture (n, dense_first) when the
+# file has no `attention.sliding_window_pattern` (llama-model.cpp, models/*.cpp at 0c1e570).
+_SWA_PATTERN = {"gemma2": (2, False), "gemma3": (6, False), "gemma-embedding": (6, False),
+                "gemma3n": (5, False), "cohere2": (4, False), "cohere2moe": (4, True),
+                "exaone4": (4, False), "llama4": (4, False), "olmo2": (4, False),
+                "gpt-oss": (2, False), "afmoe": (4, False), "plamo3": (8, False)}
+_KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+
+
+def _as_header(header: GGUFHeader | str | os.PathLike[str]) -> GGUFHeader:
+    return header if isinstance(header, GGUFHeader) else read_header(header)
+
+
+def _n_vocab(h: GGUFHeader) -> int:
+    return h.array_lengths.get("tokenizer.ggml.tokens",
+                               len(h.metadata.get("tokenizer.ggml.tokens", [])))
+
+
+def _per_layer(value: Any, n_layer: int, default: int) -> list[int]:
+    """A hyperparameter that is one number, or one number per layer."""
+    if value is None:
+        return [default] * n_layer
+    if isinstance(value, list):
+        values = [int(v) for v in value] or [default]
+        return (values + values[-1:] * n_layer)[:n_layer]
+    return [int(value)] * n_layer
+
+
+@dataclass(frozen=True)
+class _Attention:
+    n_layer: int
+    n_embd: int
+    n_head: list[int]
+    n_head_kv: list[int]
+    head_dim_k: int
+    head_dim_v: int
+    n_swa: int
+    is_swa: list[bool]
+
+
+def _attention(h: GGUFHeader) -> _Attention:
+    n_layer = int(h.arch_value("block_count", 0) or 0)
+    n_embd = int(h.arch_value("embedding_length", 0) or 0)
+    n_head = _per_layer(h.arch_value("attention.head_count"), n_layer, 1)
+    n_head_kv = _per_layer(h.arch_value("attention.head_count_kv"), n_layer, 0)
+    n_head_kv = [kv if kv or n_head[i] == 0 else n_head[i] for i, kv in enumerate(n_head_kv)]
+    width = n_embd // max(max(n_head, default=1), 1)
+    hd_k = int(h.arch_value("attention.key_length") or width)
+    hd_v = int(h.arch_value("attention.value_length") or width)
+    n_swa = int(h.arch_value("attention.sliding_window", 0) or 0)
+    pattern = h.arch_value("attention.sliding_window_pattern")
+    if not n_swa:
+        is_swa = [False] * n_layer
+    elif isinstance(pattern, list):
+        is_swa = [bool(v) for v in pattern][:n_layer] + [False] * max(0, n_layer - len(pattern))
+    else:
+        n, dense_first = (int(pattern), False) if pattern is not None else \
+            _SWA_PATTERN.get(h.architecture, (1, False))  # unknown: all full-size, the safe side
+        is_swa = [n == 0 or (il % n != 0 if dense_first else il % n < n - 1)
+                  for il in range(n_layer)]
+    return _Attention(n_layer, n_embd, n_head, n_head_kv, hd_k, hd_v, n_swa, is_swa)
+
+
+def describe(header: GGUFHeader | str | os.PathLike[str]) -> dict[str, Any]:
+    """What a model is, from its header alone (no weights read): a JSON-ready dict.
+
+    ``n_params_active`` is the parameters used per token: routed-expert tensors (``*_exps``)
+    count ``n_expert_used / n_expert`` of their size, everything else (attention, shared
+    experts, router, embeddings) counts fully. For dense models it equals ``n_params``.
+    """
+    h = _as_header(header)
+    att = _attention(h)
+    n_expert = int(h.arch_value("expert_count", 0) or 0)
+    n_used = int(h.arch_value("expert_used_count", 0) or 0)
+    expert = sum(t.n_elements for t in h.tensors if _EXPERT.search(t.name))
+    active = h.n_params - expert + (expert * n_used // n_expert if n_expert else expert)
+    n_vocab = _n_vocab(h)
+    return {
+        "path": str(h.path), "name": h.metadata.get("general.name"),
+        "architecture": h.architecture, "file_type": h.file_type,
+        "size_bytes": h.size_bytes, "tensor_bytes": sum(t.n_bytes for t in h.tensors),
+        "n_params": h.n_params, "n_params_active": active,
+        "n_expert": n_expert, "n_expert_used": n_used,
+        "context_length": h.context_length, "n_layer": att.n_layer, "n_embd": att.n_embd,
+        "n_head": max(att.n_head, default=0), "n_head_kv": max(att.n_head_kv, default=0),
+        "head_dim_k": att.head_dim_k, "head_dim_v": att.head_dim_v,
+        "sliding_window": att.n_swa or None, "n_vocab": n_vocab,
+        "has_chat_template": h.has_chat_template,
+    }
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a load needs, by part; ``n_ctx`` is the cells per sequence llama.cpp allocates."""
+    weights: int
+    kv_cache: int
+    compute: int
+    n_ctx: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute
+
+
+def _row_bytes(kv_type: str, n_elements: int) -> int:
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[kv_type.upper()]]
+    return -(-n_elements // block) * type_size
+
+
+def _pad256(n: int) -> int:
+    return -(-n // 256) * 256
+
+
+def memory_breakdown(header: GGUFHeader | str | os.PathLike[str], n_ctx: int,
+                     kv_type: str = "f16", n_seq: int = 1, *, n_ubatch: int = 512,
+                     swa_full: bool = True) -> MemoryEstimate:
+    """Weights + KV cache + compute allowance for a context of ``n_ctx`` tokens per sequence.
+
+    - weights = the file's tensor bytes (what llama.cpp maps; CPU repacking of some quant types
+      adds a copy of those tensors on top, e.g. +5% for the starter model).
+    - KV cache = n_seq x sum over attention layers of cells x (n_head_kv x head_dim_k bytes of
+      K + n_head_kv x head_dim_v bytes of V) in ``kv_type``; head dims from key_length /
+      value_length (else n_embd / n_head); n_head_kv may differ per layer. cells = n_ctx capped
+      at the trained context (as the backend does) and rounded up to 256 (as llama.cpp does).
+      Sliding-window layers hold n_swa + n_ubatch cells (rounded to 256) only when
+      ``swa_full=False``; llama.cpp's default (and the backend's) is a full-size SWA cache.
+    - compute = f16 KQ mask per KV cache (n_ubatch x its cells per sequence x 2 B)
+      + activations (16 B x n_ubatch x the widest of n_embd, n_ff, n_expert_used x expert_ff,
+      n_head x head_dim) + logits and output buffer (2 x n_vocab x 4 B per sequence: one
+      output per sequence, as the backend sets n_outputs_max) + 1 MiB graph overhead.
+      Assumes flash attention, which llama.cpp's "auto" picks on CPU.
+    Not modelled: MLA (DeepSeek) caches, recurrent-state layers.
+    """
+    if kv_type.lower() not in _KV_TYPES:
+        raise ConfigError(f"kv_type must be one of {', '.join(_KV_TYPES)}, got {kv_type!r}")
+    if n_ctx < 1 or n_seq < 1 or n_ubatch < 1:
+        raise ConfigError(f"need n_ctx, n_seq and n_ubatch >= 1 (got {n_ctx}, {n_seq}, {n_ubatch})")
+    h = _as_header(header)
+    att = _attention(h)
+    trained = h.context_length
+    cells = _pad256(min(n_ctx, int(trained)) if trained else n_ctx)
+    cells_swa = cells if swa_full else min(cells, _pad256(att.n_swa + n_ubatch))
+    kv = 0
+    for il in range(att.n_layer):
+        kv_heads = att.n_head_kv[il]
+        if kv_heads:
+            row = (_row_bytes(kv_type, kv_heads * att.head_dim_k)
+                   + _row_bytes(kv_type, kv_heads * att.head_dim_v))
+            kv += (cells_swa if att.is_swa[il] else cells) * row
+    kv *= n_seq
+    n_ff = max(_per_layer(h.arch_value("feed_forward_length"), att.n_layer, 0), default=0)
+    n_ff_exp = int(h.arch_value("expert_feed_forward_length", 0) or 0)
+    n_used = int(h.arch_value("expert_used_count", 0) or 0)
+    widest = max(att.n_embd, n_ff, n_used * n_ff_exp, max(att.n_head, default=0) * att.head_dim_k)
+    mask_cells = cells + (cells_swa if any(att.is_swa) and not all(att.is_swa) else 0)
+    compute = (n_ubatch * mask_cells * 2 + 16 * n_ubatch * widest
+               + 2 * _n_vocab(h) * 4 * n_seq + MiB)
+    return MemoryEstimate(sum(t.n_bytes for t in h.tensors), kv, compute, cells)
+
+
+def estimate_memory(header: GGUFHeader | str | os.PathLike[str], n_ctx: int,
+                    kv_type: str = "f16", n_seq: int = 1, **options: Any) -> int:
+    """Bytes to load the model with ``n_ctx`` tokens of context per sequence (see
+    ``memory_breakdown`` for the formula and ``options``)."""
+    return memory_breakdown(header, n_ctx, kv_type, n_seq, **options).total

