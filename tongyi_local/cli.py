@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import hardware
-from .errors import TongyiError
+from .errors import ModelNotFoundError, TongyiError
 from .types import Message, Sampling
 
 app = typer.Typer(help="Run Qwen/Tongyi GGUF models in-process through llama.cpp.",
@@ -35,9 +35,20 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="Generation threads (default: physical cores).")]
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Context length in tokens.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt (chat).")]
+RoleOpt = Annotated[Optional[str], typer.Option("--role", "-r", help="Agent role from models.toml (instead of --model).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="models.toml to layer on top of the others.")]
+ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="Profile from models.toml (e.g. shared).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
-def _load(model: Path | None, threads: int | None, n_ctx: int):
+def _load(model: Path | None, threads: int | None, n_ctx: int, role: str | None = None,
+          config: Path | None = None, profile: str | None = None):
+    if role:
+        if model:
+            raise typer.BadParameter("give --role or --model, not both")
+        from .registry import Registry
+
+        return Registry(config_path=config, profile=profile).for_role(role)
     from . import load
 
     return load(model, threads=threads, n_ctx=n_ctx)
@@ -54,6 +65,7 @@ def generate(
     max_tokens: MaxTokensOpt = 128, temperature: TempOpt = 0.8, top_p: TopPOpt = 0.95,
     top_k: TopKOpt = 40, min_p: MinPOpt = 0.05, repeat_penalty: RepeatOpt = 1.0,
     stop: StopOpt = None, seed: SeedOpt = None, threads: ThreadsOpt = None, ctx: CtxOpt = 4096,
+    role: RoleOpt = None, config: ConfigOpt = None, profile: ProfileOpt = None,
 ) -> None:
     """Generate a completion, streaming it to the terminal."""
     text = sys.stdin.read() if prompt == "-" else prompt
@@ -63,7 +75,7 @@ def generate(
     request: str | list[Message] = text
     if chat or system:
         request = ([Message("system", system)] if system else []) + [Message("user", text)]
-    with _load(model, threads, ctx) as gen:
+    with _load(model, threads, ctx, role, config, profile) as gen:
         completion = None
         for chunk in gen.stream(request, sampling):
             if not as_json:
@@ -190,6 +202,124 @@ def models_starter() -> None:
     from .store import starter_model
 
     out.print(str(starter_model()), markup=False)
+
+
+def _registry(config: Path | None, profile: str | None):
+    from .registry import Registry
+
+    return Registry(config_path=config, profile=profile)
+
+
+def _size(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+@models_app.command("list")
+def models_list(config: ConfigOpt = None, profile: ProfileOpt = None, as_json: JsonOpt = False) -> None:
+    """Each role, its model, whether the file is present and its size."""
+    from .registry import model_status
+
+    reg = _registry(config, profile)
+    rows = []
+    for role, spec in sorted(reg.roles().items()):
+        rows.append({"role": role, "model": spec.name, "backend": spec.backend,
+                     "quantization": spec.quantization, **model_status(spec)})
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("role", "model", "quant", "present", "size", "where")
+    for r in rows:
+        present = {True: "yes", False: "no", None: "remote"}[r["present"]]
+        table.add_row(r["role"], r["model"], r["quantization"] or "-", present,
+                      _size(r["size_bytes"]), r["where"])
+    out.print(table)
+
+
+@models_app.command("info")
+def models_info(name: Annotated[str, typer.Argument(help="Role, model name, or a GGUF path.")],
+                config: ConfigOpt = None, profile: ProfileOpt = None,
+                ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context for the RAM estimate (default: the model's).")] = None,
+                as_json: JsonOpt = False) -> None:
+    """What a GGUF file holds (read from its header, no weights loaded) and the RAM a load needs."""
+    from .gguf_header import describe, memory_breakdown
+    from .registry import model_file, resolve_model
+
+    kv_type = "f16"
+    if Path(name).expanduser().is_file():
+        path, n_ctx = Path(name).expanduser(), ctx or 4096
+    else:
+        spec = resolve_model(_registry(config, profile).config, name, profile)
+        path, n_ctx, kv_type = model_file(spec), ctx or spec.context_length, spec.kv_cache_type
+        if not path.exists():
+            raise ModelNotFoundError(f"model {spec.name} is not in the store at {path}; run: "
+                                     f"tongyi-local models pull {name}")
+    info = describe(path)
+    mem = memory_breakdown(path, n_ctx, kv_type)
+    info.update({"estimate_n_ctx": n_ctx, "estimate_kv_type": kv_type,
+                 "estimate_weights_bytes": mem.weights, "estimate_kv_cache_bytes": mem.kv_cache,
+                 "estimate_compute_bytes": mem.compute, "estimate_total_bytes": mem.total})
+    if as_json:
+        out.print_json(json.dumps(info, default=str))
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in info.items():
+        shown = _size(value) if key.endswith("_bytes") and isinstance(value, int) else str(value)
+        table.add_row(f"[bold]{key}[/bold]", shown)
+    out.print(table)
+
+
+@models_app.command("pull")
+def models_pull(name: Annotated[str, typer.Argument(help="Role or model name.")],
+                config: ConfigOpt = None, profile: ProfileOpt = None) -> None:
+    """Download a model from the hub (pinned revision, resumable, sha256-checked) into the store."""
+    from .registry import pull_model, resolve_model
+
+    spec = resolve_model(_registry(config, profile).config, name, profile)
+    out.print(str(pull_model(spec)), markup=False)
+
+
+@models_app.command("verify")
+def models_verify(name: Annotated[str, typer.Argument(help="Role or model name.")],
+                  config: ConfigOpt = None, profile: ProfileOpt = None) -> None:
+    """Re-hash a model's file against its sha256 (from models.toml, else its pull record)."""
+    from . import store
+    from .registry import model_file, resolve_model
+
+    spec = resolve_model(_registry(config, profile).config, name, profile)
+    path = model_file(spec)
+    expected = spec.sha256 or next((f.sha256 for f in store.list_store() if f.path == path), None)
+    if not expected:
+        raise typer.BadParameter(f"{spec.name} has no sha256 in models.toml nor a pull record")
+    store.verify(path, expected)
+    out.print(f"{path}: sha256 ok")
+
+
+@models_app.command("rm")
+def models_rm(name: Annotated[str, typer.Argument(help="Model name, or a file name in the store.")],
+              config: ConfigOpt = None, profile: ProfileOpt = None) -> None:
+    """Delete a model's file (and its records) from the store."""
+    from . import store
+
+    cfg = _registry(config, profile).config
+    target = cfg.models[name].file if name in cfg.models and cfg.models[name].file else name
+    out.print(f"removed {store.remove(target)}")
+
+
+@app.command()
+def ps(as_json: JsonOpt = False) -> None:
+    """Models loaded by tongyi_local processes on this machine, their memory and roles."""
+    from .pool import processes_status
+
+    procs = processes_status()
+    if as_json:
+        out.print_json(json.dumps(procs))
+        return
+    table = Table("pid", "model", "memory", "roles")
+    for proc in procs:
+        for m in proc["models"]:
+            table.add_row(str(proc["pid"]), m["name"], _size(m["memory_bytes"]),
+                          ", ".join(m["roles"]) or "-")
+    out.print(table)
 
 
 def main(argv: list[str] | None = None) -> None:

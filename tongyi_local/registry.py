@@ -14,7 +14,7 @@ from typing import Any
 
 from .backends.base import BaseGenerator
 from .config import Config, ModelSpec, RoleSpec, load_config
-from .errors import ModelNotFoundError
+from .errors import ConfigError, ModelNotFoundError
 from .pool import ModelPool
 from .types import Chunk, Generator, Message, Request, Sampling
 
@@ -138,3 +138,42 @@ def for_role(role: str, *, config_path: str | Path | None = None, profile: str |
     registry = default_registry()
     config = load_config(config_path) if config_path else registry.config
     return Registry(config, pool=registry.pool, profile=profile).for_role(role)
+
+
+def resolve_model(config: Config, name: str, profile: str | None = None) -> ModelSpec:
+    """A model entry by role name or model name (roles first, as agents speak of roles)."""
+    if name in config.roles:
+        return config.model_for(name, profile)
+    if name in config.models:
+        return config.models[name]
+    raise ConfigError(f"{name!r} is neither a role ({', '.join(sorted(config.roles))}) nor a "
+                      f"model ({', '.join(sorted(config.models))})")
+
+
+def pull_model(spec: ModelSpec, progress: bool = True) -> Path:
+    """Bring a model's file into the store (hub download, or the packaged starter model)."""
+    from . import store
+
+    if spec.backend != "llama":
+        raise ConfigError(f"model {spec.name} runs on the {spec.backend} backend: nothing to pull")
+    if spec.source == "starter":
+        return store.starter_model()
+    if spec.source == "path":
+        raise ConfigError(f"model {spec.name} is a local file ({spec.path}): nothing to pull")
+    return store.pull(spec.repo, spec.file, revision=spec.revision, sha256=spec.sha256,
+                      progress=progress)
+
+
+def model_status(spec: ModelSpec) -> dict[str, Any]:
+    """Where a model's file is, whether it is present and its size (no weights read)."""
+    if spec.backend != "llama":
+        return {"where": f"{spec.backend}:{spec.model_id}", "present": None, "size_bytes": None}
+    path = model_file(spec) if spec.source != "starter" else None
+    if path is None:
+        from . import store
+        from .paths import models_dir
+
+        path = models_dir() / store.STARTER_FILE
+    present = path.exists()
+    return {"where": str(path), "present": present,
+            "size_bytes": path.stat().st_size if present else None}
