@@ -17,6 +17,7 @@ from ..types import (Chunk, Completion, Message, PromptOrMessages, Request, Samp
 class BaseGenerator:
     name: str = "generator"
     default_sampling: Sampling = Sampling()
+    remote: bool = False  # True when requests leave this machine; privacy rules check it
 
     _closed = False
 
