@@ -104,3 +104,24 @@ def test_doctor_fails_when_the_build_lacks_cpu_simd(monkeypatch, capsys):
 def test_module_entry_point_and_help():
     done = run("--help")
     assert done.returncode == 0 and "generate" in done.stdout and "doctor" in done.stdout
+
+
+def test_generate_on_the_dashscope_backend_through_the_real_sdk(tmp_path):
+    from servers.scripted import ScriptedServer
+
+    key = "sk-cli-test-key-never-printed"
+    server = ScriptedServer("dashscope", api_key=key)
+    try:
+        env = {**os.environ, "COLUMNS": "80", "DASHSCOPE_API_KEY": key}
+        args = [*CLI, "generate", "Hello", "--backend", "dashscope", "--base-url", server.url,
+                "--remote-model", "qwen-plus", "--json"]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["text"] == "Hello world"
+        assert key not in done.stdout + done.stderr
+        env.pop("DASHSCOPE_API_KEY")
+        missing = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+        assert missing.returncode == 1 and "DASHSCOPE_API_KEY" in missing.stderr
+        assert "Traceback" not in missing.stderr
+    finally:
+        server.close()

@@ -99,3 +99,54 @@ def test_public_for_role_uses_the_packaged_default(monkeypatch, tmp_path, starte
     gen = tongyi_local.for_role("default", config_path=config)
     done = gen.complete("Hello", temperature=0, max_tokens=3)
     assert done.usage.completion_tokens >= 1 and gen.name == "default:starter"
+
+
+@pytest.fixture
+def routed(tmp_path, starter_path):
+    config = tmp_path / "routes.toml"
+    config.write_text(f"""
+[models.absent]
+source = "hub"
+repo = "someone/Not-Pulled-GGUF"
+file = "Not-Pulled-Q8_0.gguf"
+
+[models.cloud]
+backend = "fake"          # a scripted stand-in for a cloud model: counts as remote
+remote = true
+replies = ["answer from the scripted cloud"]
+
+[roles.coder]
+model = "absent"
+fallback = "cloud"
+
+[roles.reviewer]
+model = "absent"
+fallback = "cloud"
+privacy = "local-only"
+
+[roles.tester]
+model = "cloud"
+privacy = "local-only"
+""")
+    reg = Registry(load_config(config), pool=ModelPool(load_model, estimate_model,
+                                                       budget_bytes=8 << 30,
+                                                       status_dir=tmp_path / "run"))
+    yield reg
+    reg.close()
+
+
+def test_a_role_falls_back_when_its_local_model_cannot_load(routed):
+    done = routed.for_role("coder").chat([{"role": "user", "content": "hi"}])
+    assert done.text == "answer from the scripted cloud"
+
+
+def test_local_only_roles_never_reach_a_remote_backend(routed):
+    from tongyi_local.errors import PrivacyError
+
+    with pytest.raises((ModelNotFoundError, PrivacyError)):
+        routed.for_role("reviewer").chat([{"role": "user", "content": "secret code"}])
+    with pytest.raises(PrivacyError):
+        routed.for_role("tester").chat([{"role": "user", "content": "secret code"}])
+    # the scripted cloud model was never asked: its reply is still unused
+    assert routed.for_role("coder").chat([{"role": "user", "content": "x"}]).text == (
+        "answer from the scripted cloud")

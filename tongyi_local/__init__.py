@@ -14,19 +14,37 @@ import logging as _logging
 from pathlib import Path as _Path
 from typing import Any as _Any
 
-from .errors import (BackendError, BackendUnavailableError, BuildError, ConfigError,
-                     ContextOverflowError, GeneratorClosedError, InvalidRequestError,
-                     ModelError, ModelLoadError, ModelNotFoundError, TongyiError)
+from . import errors as _errors
+from .errors import *  # noqa: F403 - the whole error tree is public
 from .types import (Chunk, Completion, Generator, Message, Sampling, Timings, ToolCall, Usage)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BackendError", "BackendUnavailableError", "BuildError", "Chunk", "Completion", "ConfigError",
-    "ContextOverflowError", "Generator", "GeneratorClosedError", "InvalidRequestError", "Message",
-    "ModelError", "ModelLoadError", "ModelNotFoundError", "Sampling", "Timings", "TongyiError",
-    "ToolCall", "Usage", "for_role", "load", "starter_model_path", "__version__",
-]
+# Classes that live in modules with heavier imports, loaded on first access (no I/O at import).
+_LAZY = {
+    "FakeGenerator": "tongyi_local.backends.fake",
+    "DashScopeGenerator": "tongyi_local.backends.dashscope",
+    "OpenAIGenerator": "tongyi_local.backends.openai",
+    "LlamaGenerator": "tongyi_local.backends.llama",
+    "RetryPolicy": "tongyi_local.backends.retry",
+    "FallbackGenerator": "tongyi_local.fallback",
+    "enforce_privacy": "tongyi_local.fallback",
+    "Registry": "tongyi_local.registry",
+}
+
+__all__ = sorted(
+    [name for name in vars(_errors) if name.endswith("Error")]
+    + ["Chunk", "Completion", "Generator", "Message", "Sampling", "Timings", "ToolCall", "Usage",
+       "for_role", "load", "starter_model_path", "__version__", *_LAZY])
+
+
+def __getattr__(name: str) -> _Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tongyi_local' has no attribute {name!r}")
+
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 

@@ -39,10 +39,33 @@ RoleOpt = Annotated[Optional[str], typer.Option("--role", "-r", help="Agent role
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="models.toml to layer on top of the others.")]
 ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="Profile from models.toml (e.g. shared).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="llama (in-process), dashscope or openai (any OpenAI-compatible server).")]
+BaseUrlOpt = Annotated[Optional[str], typer.Option("--base-url", help="Endpoint of a remote backend (openai: including /v1).")]
+RemoteModelOpt = Annotated[Optional[str], typer.Option("--remote-model", help="Model name on the remote backend, e.g. qwen-plus.")]
+KeyEnvOpt = Annotated[Optional[str], typer.Option("--api-key-env", help="Environment variable holding the API key (default: DASHSCOPE_API_KEY for dashscope).")]
+
+
+def _remote(backend: str, base_url: str | None, remote_model: str | None, key_env: str | None):
+    if backend == "dashscope":
+        from .backends.dashscope import DashScopeGenerator
+
+        return DashScopeGenerator(remote_model or "qwen-plus", base_url=base_url,
+                                  api_key_env=key_env)
+    if backend == "openai":
+        if not base_url or not remote_model:
+            raise typer.BadParameter("--backend openai needs --base-url and --remote-model")
+        from .backends.openai import OpenAIGenerator
+
+        return OpenAIGenerator(remote_model, base_url=base_url, api_key_env=key_env)
+    raise typer.BadParameter(f"unknown backend {backend!r}; use llama, dashscope or openai")
 
 
 def _load(model: Path | None, threads: int | None, n_ctx: int, role: str | None = None,
-          config: Path | None = None, profile: str | None = None):
+          config: Path | None = None, profile: str | None = None, backend: str = "llama",
+          base_url: str | None = None, remote_model: str | None = None,
+          key_env: str | None = None):
+    if backend != "llama":
+        return _remote(backend, base_url, remote_model, key_env)
     if role:
         if model:
             raise typer.BadParameter("give --role or --model, not both")
@@ -66,6 +89,8 @@ def generate(
     top_k: TopKOpt = 40, min_p: MinPOpt = 0.05, repeat_penalty: RepeatOpt = 1.0,
     stop: StopOpt = None, seed: SeedOpt = None, threads: ThreadsOpt = None, ctx: CtxOpt = 4096,
     role: RoleOpt = None, config: ConfigOpt = None, profile: ProfileOpt = None,
+    backend: BackendOpt = "llama", base_url: BaseUrlOpt = None, remote_model: RemoteModelOpt = None,
+    api_key_env: KeyEnvOpt = None,
 ) -> None:
     """Generate a completion, streaming it to the terminal."""
     text = sys.stdin.read() if prompt == "-" else prompt
@@ -75,7 +100,8 @@ def generate(
     request: str | list[Message] = text
     if chat or system:
         request = ([Message("system", system)] if system else []) + [Message("user", text)]
-    with _load(model, threads, ctx, role, config, profile) as gen:
+    with _load(model, threads, ctx, role, config, profile, backend, base_url, remote_model,
+               api_key_env) as gen:
         completion = None
         for chunk in gen.stream(request, sampling):
             if not as_json:

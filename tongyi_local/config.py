@@ -63,10 +63,7 @@ class ModelSpec:
     api_key_env: str | None = None
     timeout_s: float = 60.0
     replies: tuple[Any, ...] = ()
-
-    @property
-    def remote(self) -> bool:
-        return self.backend in ("dashscope", "openai")
+    remote: bool = False  # requests leave this machine (privacy rules check it)
 
 
 @dataclass(frozen=True)
@@ -218,6 +215,12 @@ def _model(file: Path, name: str, entry: dict) -> ModelSpec:
         raise ConfigError(f"{file}: {where}model_id is required for backend {backend!r}")
     if backend == "openai" and not entry.get("base_url"):
         raise ConfigError(f"{file}: {where}base_url is required for backend 'openai'")
+    remote = entry.get("remote", backend in ("dashscope", "openai"))
+    if not isinstance(remote, bool) or (backend == "llama" and remote) or (
+            backend == "dashscope" and not remote):
+        raise ConfigError(f"{file}: {where}remote = {remote!r} is not allowed for backend "
+                          f"{backend!r}; allowed: true for dashscope, false for llama, either for "
+                          "openai (false = a trusted server on this machine) and fake")
     if "quantization" in entry:
         _choice(file, where + "quantization", entry["quantization"], QUANTIZATIONS)
     if "kv_cache_type" in entry:
@@ -243,6 +246,7 @@ def _model(file: Path, name: str, entry: dict) -> ModelSpec:
     values = {k: v for k, v in entry.items() if k != "sampling"}
     if "replies" in values:
         values["replies"] = tuple(values["replies"])
+    values["remote"] = remote
     return ModelSpec(name=name, defined_in=str(file), source=source, sampling=sampling, **{
         k: v for k, v in values.items() if k != "source"})
 

@@ -108,8 +108,18 @@ class Registry:
         self.pool = pool or ModelPool(load_model, estimate_model)
 
     def for_role(self, role: str) -> Generator:
+        """The role's generator; with ``fallback`` set, requests the primary cannot serve (load
+        failure, connection error, timeout, overload) go to the fallback model; a
+        ``privacy = "local-only"`` role never reaches a remote backend."""
+        from .fallback import FallbackGenerator, enforce_privacy
+
         spec = self.config.role(role, self.profile)
-        return RoleGenerator(self, spec, self.config.models[spec.model])
+        generator: Generator = RoleGenerator(self, spec, self.config.models[spec.model])
+        if spec.fallback:
+            secondary = RoleGenerator(self, spec, self.config.models[spec.fallback])
+            generator = FallbackGenerator(generator, secondary, role=spec.name,
+                                          privacy=spec.privacy)
+        return enforce_privacy(generator, spec.privacy, spec.name)
 
     def roles(self) -> dict[str, ModelSpec]:
         return {name: self.config.model_for(name, self.profile) for name in self.config.roles}
