@@ -226,6 +226,9 @@ def build_tools(preset: Preset, tools: tuple[str, ...] = DEFAULT_TOOLS) -> dict[
     if all(p.exists() for p in paths.values()):
         return paths
     src = vendored_source()
+    cache = build_dir / "CMakeCache.txt"
+    if cache.exists() and f"CMAKE_HOME_DIRECTORY:INTERNAL={src}\n" not in cache.read_text():
+        shutil.rmtree(build_dir)  # configured from another source tree: start clean
     _run(["cmake", "-S", str(src), "-B", str(build_dir), *preset.cmake_args, "-DBUILD_SHARED_LIBS=OFF",
           "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
           "-DLLAMA_BUILD_SERVER=OFF"],

@@ -348,6 +348,11 @@ def ps(as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+from .cli_evidence import register as _register_evidence  # noqa: E402 - commands live there
+
+_register_evidence(app)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: the one place library errors become `error: ...` and exit 1."""
     try:
