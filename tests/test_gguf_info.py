@@ -29,7 +29,8 @@ def loaded_with_log(path, n_ctx):
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     try:
-        with tongyi_local.load(path, n_ctx=n_ctx) as model:
+        # one slot: the estimate counts one logits row per sequence it is told about
+        with tongyi_local.load(path, n_ctx=n_ctx, slots=1) as model:
             yield model, lines
     finally:
         logger.removeHandler(handler)
