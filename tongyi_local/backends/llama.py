@@ -224,15 +224,7 @@ class LlamaGenerator(AsyncMixin, BaseGenerator):
 
     # --- text <-> tokens --------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        buf = (L.llama_token * capacity)()
-        n = L.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, True)
-        if n < 0:
-            capacity = -n
-            buf = (L.llama_token * capacity)()
-            n = L.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, True)
-        return buf[:n]
+        return tokenize(self._vocab, text, add_special=add_special, parse_special=True)
 
     def render_chat(self, messages: tuple[Message, ...]) -> str:
         """Apply the model's chat template (the GGUF's own, else the architecture's built-in)."""
@@ -315,3 +307,16 @@ def _builtin_template_for(header: GGUFHeader) -> bytes:
 def _llama_reason(default: str) -> str:
     problems = [line for line in _recent_problems if line]
     return "; ".join(problems[-3:]) if problems else default
+
+
+def tokenize(vocab: object, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+    """llama.cpp's tokenizer, retried once with the exact size it asks for."""
+    data = text.encode("utf-8")
+    capacity = len(data) + 16
+    for _ in range(2):
+        buf = (L.llama_token * capacity)()
+        n = L.llama_tokenize(vocab, data, len(data), buf, capacity, add_special, parse_special)
+        if n >= 0:
+            return list(buf[:n])
+        capacity = -n
+    raise BackendError("llama.cpp's tokenizer did not settle on a token count")

@@ -297,15 +297,9 @@ class LogitsEvaluator:
 
     def tokenize(self, text: str) -> list[int]:
         """As llama-perplexity does: special tokens added (BOS), special text not parsed."""
-        data = text.encode("utf-8")
-        capacity = len(data) + 16
-        buf = (L.llama_token * capacity)()
-        n = L.llama_tokenize(self._vocab, data, len(data), buf, capacity, True, False)
-        if n < 0:
-            capacity = -n
-            buf = (L.llama_token * capacity)()
-            n = L.llama_tokenize(self._vocab, data, len(data), buf, capacity, True, False)
-        return list(buf[:n])
+        from .llama import tokenize
+
+        return tokenize(self._vocab, text, add_special=True, parse_special=False)
 
     def chunk_logits(self, tokens: list[int], first: int) -> np.ndarray:
         """Logits (float32, one row per position ``first .. len(tokens)-1``) for one chunk."""
