@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: ./bootstrap.sh run | test | bench [args...]
-#   run   - set everything up, then stream a real generation from the starter model
+#   run   - set everything up, then stream a real chat answer from the packaged chat model
 #   test  - set everything up, then run the whole test suite
 #   bench - set everything up (plus llama.cpp's own tools), then run the core benchmark
 # Re-runs take seconds: the venv is reused and the llama.cpp build is cached per preset.
@@ -26,7 +26,7 @@ tools=()
 
 case "$job" in
   run)
-    exec .venv/bin/tongyi-local generate "${@:-The three primary colours are}" ;;
+    exec .venv/bin/tongyi-local generate --chat -n 96 "${@:-Which city is the capital of France?}" ;;
   test)
     set +e
     .venv/bin/python -m pytest "$@"

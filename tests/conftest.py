@@ -31,3 +31,33 @@ def tiny_qwen2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen3moe(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3moe.gguf", "qwen3moe")
+
+
+@pytest.fixture(scope="session")
+def chat_model_path():
+    """SmolLM2-135M-Instruct, the packaged chat model (taken out of its PyPI wheel, checked)."""
+    from tongyi_local.store import starter_chat_model
+
+    return starter_chat_model()
+
+
+@pytest.fixture(scope="session")
+def chat_model(chat_model_path):
+    from tongyi_local.backends.llama import LlamaGenerator
+
+    gen = LlamaGenerator(chat_model_path, n_ctx=2048, sampling=None)
+    yield gen
+    gen.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_tools(tmp_path_factory):
+    """A tiny random-weight qwen2 GGUF carrying Qwen2.5-Instruct's real (tool-aware) template."""
+    from tongyi_local.backends.llama import LlamaGenerator
+    from tongyi_local.testing import QWEN25_TEMPLATE
+
+    path = write_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen25-tools.gguf", "qwen2",
+                            chat_template=QWEN25_TEMPLATE)
+    gen = LlamaGenerator(path, n_ctx=2048)
+    yield gen
+    gen.close()

@@ -84,9 +84,9 @@ def test_precedence_argument_over_env_over_user_over_packaged(tmp_path, monkeypa
 
 def test_profiles_from_argument_and_environment(monkeypatch):
     config = load_config()
-    assert config.role("coder", "starter").model == "starter"
+    assert config.role("coder", "starter").model == "starter-chat"
     monkeypatch.setenv(PROFILE_ENV, "starter")
-    assert config.role("reviewer").model == "starter"
+    assert config.role("reviewer").model == "starter-chat"
     with pytest.raises(ConfigError, match="unknown profile 'nope'"):
         config.role("coder", "nope")
     with pytest.raises(ConfigError, match="unknown role 'wizard'"):

@@ -8,7 +8,7 @@ import pytest
 from tongyi_local.backends.fake import FakeGenerator, FakeReply
 from tongyi_local.errors import (BackendError, ConfigError, GeneratorClosedError,
                                  InvalidRequestError, ModelLoadError, RemoteTimeoutError)
-from tongyi_local.types import Generator, Sampling, ToolCall
+from tongyi_local.types import Generator, Sampling, Tool, ToolCall
 
 TOOL = {"type": "function", "function": {"name": "search", "parameters": {}}}
 
@@ -24,7 +24,7 @@ def test_text_streams_word_by_word_and_calls_are_recorded():
     assert final.usage.prompt_tokens == 2 and final.timings.total_ms >= final.timings.ttft_ms
     (call,) = fake.calls
     assert call.messages[0].content == "hi you" and call.sampling.max_tokens == 10
-    assert call.tools == (TOOL,) and call.prompt is None
+    assert call.tools == (Tool.coerce(TOOL),) and call.prompt is None
 
 
 def test_explicit_chunks_max_tokens_and_finish_reason():

@@ -5,7 +5,6 @@ silence, a cut stream)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
@@ -121,9 +120,9 @@ def test_real_server_tool_calls_are_parsed(llama_server):
                                  tools=[WEATHER], max_tokens=40, temperature=0))[-1].completion
     assert c.finish_reason == "tool_calls" and len(c.tool_calls) == 1
     (call,) = c.tool_calls
-    assert call.name == "get_weather" and call.id and "city" in json.loads(call.arguments)
+    assert call.name == "get_weather" and call.id and "city" in call.arguments
     assert streamed.tool_calls[0].name == "get_weather"
-    assert json.loads(streamed.tool_calls[0].arguments) == json.loads(call.arguments)
+    assert streamed.tool_calls[0].arguments == call.arguments
 
 
 def test_connection_refused_is_a_clear_error():
@@ -164,7 +163,7 @@ def test_scripted_tool_call_deltas_are_joined(gen, server):
     server.script(tool_call("lookup", '{"q"', ': "x"', "}"))
     c = gen.chat([{"role": "user", "content": "find x"}], tools=[WEATHER])
     assert c.finish_reason == "tool_calls" and c.tool_calls[0].name == "lookup"
-    assert json.loads(c.tool_calls[0].arguments) == {"q": "x"}
+    assert c.tool_calls[0].arguments == {"q": "x"}
 
 
 def test_429_and_500_are_retried_then_exhausted(gen, server):

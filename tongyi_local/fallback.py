@@ -36,6 +36,7 @@ from typing import Any
 from .errors import (BackendUnavailableError, ConfigError, GeneratorClosedError, ModelError,
                      PrivacyError, RateLimitError, RemoteConnectionError, RemoteTimeoutError,
                      ServerError)
+from .backends.aio import AsyncMixin
 from .types import Chunk, Completion, Generator, Message, PromptOrMessages, Sampling
 
 log = logging.getLogger("tongyi_local.fallback")
@@ -146,7 +147,7 @@ class _Slot:
                 try:
                     self._gen = self._factory()  # type: ignore[misc]
                     self._failed = None
-                except BaseException as e:
+                except Exception as e:  # Ctrl-C and the like are not a failed load
                     self._failed = (time.monotonic(), e)
                     raise
         return self._gen
@@ -156,7 +157,7 @@ class _Slot:
             self._gen.close()
 
 
-class FallbackGenerator:
+class FallbackGenerator(AsyncMixin):
     """A Generator that answers from ``primary`` and falls back to ``secondary`` on failure."""
 
     def __init__(self, primary: Any, secondary: Any, *, role: str | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ def model_file(spec: ModelSpec) -> Path:
 
     if spec.source == "starter":
         return store.starter_model()
+    if spec.source == "starter-chat":
+        return store.starter_chat_model()
     if spec.source == "path":
         return Path(spec.path).expanduser()
     return store.hub_file_path(spec.repo, spec.file, spec.revision)
@@ -86,16 +89,17 @@ class RoleGenerator(BaseGenerator):
         self.name = f"{role.name}:{model.name}"
         self.default_sampling = Sampling().merged(model.sampling).merged(role.sampling)
         self.remote = model.remote
+        self.guarantees_schema = model.backend == "llama"
 
     def _generate(self, request: Request) -> Iterator[Chunk]:
         messages = request.messages
         if (messages is not None and self.role.system_prompt
                 and messages[0].role != "system"):
-            messages = (Message("system", self.role.system_prompt), *messages)
+            request = replace(request, messages=(Message("system", self.role.system_prompt),
+                                                 *messages))
         with self._registry.pool.checkout(pool_key(self.model), self.model, self.model.name,
                                           self.role.name) as generator:
-            yield from generator.stream(request.prompt if messages is None else messages,
-                                        request.sampling, tools=request.tools)
+            yield from generator.generate(request)
 
 
 class Registry:
@@ -168,6 +172,8 @@ def pull_model(spec: ModelSpec, progress: bool = True) -> Path:
         raise ConfigError(f"model {spec.name} runs on the {spec.backend} backend: nothing to pull")
     if spec.source == "starter":
         return store.starter_model()
+    if spec.source == "starter-chat":
+        return store.starter_chat_model(progress=progress)
     if spec.source == "path":
         raise ConfigError(f"model {spec.name} is a local file ({spec.path}): nothing to pull")
     return store.pull(spec.repo, spec.file, revision=spec.revision, sha256=spec.sha256,
@@ -178,12 +184,14 @@ def model_status(spec: ModelSpec) -> dict[str, Any]:
     """Where a model's file is, whether it is present and its size (no weights read)."""
     if spec.backend != "llama":
         return {"where": f"{spec.backend}:{spec.model_id}", "present": None, "size_bytes": None}
-    path = model_file(spec) if spec.source != "starter" else None
-    if path is None:
+    if spec.source in ("starter", "starter-chat"):  # where it goes, without assembling it
         from . import store
         from .paths import models_dir
 
-        path = models_dir() / store.STARTER_FILE
+        path = models_dir() / (store.STARTER_FILE if spec.source == "starter"
+                               else store.STARTER_CHAT_FILE)
+    else:
+        path = model_file(spec)
     present = path.exists()
     return {"where": str(path), "present": present,
             "size_bytes": path.stat().st_size if present else None}

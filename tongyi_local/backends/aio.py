@@ -15,8 +15,9 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from ..errors import BackendError
-from ..types import Chunk, Completion, Message, PromptOrMessages, Sampling, coerce_messages
+from ..errors import BackendError, OutputParseError
+from ..types import (Chunk, Completion, Message, PromptOrMessages, Sampling, ToolsArg,
+                     coerce_messages)
 
 _END = object()
 
@@ -25,21 +26,33 @@ class AsyncMixin:
     """Adds acomplete/achat/astream to a class that has the sync ``stream``."""
 
     def astream(self, prompt_or_messages: PromptOrMessages, sampling: Sampling | None = None,
-                *, tools: Sequence[Mapping[str, Any]] | None = None,
+                *, tools: ToolsArg = None, tool_choice: Any = None, response_schema: Any = None,
                 **options: Any) -> AsyncStream:
         """``async for chunk in model.astream(...)``; invalid requests raise here, at once."""
-        return AsyncStream(self.stream(prompt_or_messages, sampling, tools=tools, **options))
+        return AsyncStream(self.stream(prompt_or_messages, sampling, tools=tools,
+                                       tool_choice=tool_choice, response_schema=response_schema,
+                                       **options))
 
     async def acomplete(self, prompt: str, sampling: Sampling | None = None,
                         **options: Any) -> Completion:
         return await _drain(self.stream(prompt, sampling, **options))
 
     async def achat(self, messages: Sequence[Message | Mapping[str, Any]],
-                    sampling: Sampling | None = None, *,
-                    tools: Sequence[Mapping[str, Any]] | None = None,
+                    sampling: Sampling | None = None, *, tools: ToolsArg = None,
+                    tool_choice: Any = None, response_schema: Any = None,
                     **options: Any) -> Completion:
-        return await _drain(self.stream(coerce_messages(messages), sampling, tools=tools,
-                                        **options))
+        def open_stream() -> Iterator[Chunk]:
+            return self.stream(coerce_messages(messages), sampling, tools=tools,
+                               tool_choice=tool_choice, response_schema=response_schema,
+                               **options)
+
+        try:
+            return await _drain(open_stream())
+        except OutputParseError:
+            demands = response_schema is not None or tool_choice not in (None, "auto", "none")
+            if not demands or getattr(self, "guarantees_schema", False):
+                raise
+            return await _drain(open_stream())  # once more, as the sync chat does
 
 
 class AsyncStream:

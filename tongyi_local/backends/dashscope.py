@@ -18,13 +18,26 @@ sends the prompt as DashScope's ``prompt`` input (the server wraps it as a user 
 errors are mapped once, here, onto ``RemoteError`` subclasses. The SDK logs request bodies and
 stream messages at DEBUG; a filter on the ``dashscope`` logger drops those (prompt and output text)
 and masks anything key-shaped.
+
+``acomplete``/``achat``/``astream`` use the SDK's own asyncio API, ``dashscope.AioGeneration``
+(aiohttp), not the thread-pumped ``aio.AsyncMixin``. Why: it streams the same incremental events
+(``incremental_output``), so the same ``_Answer`` parses them and the same ``_status_error`` /
+``_exception_error`` map its failures; and it can be cancelled cleanly: a cancelled read unwinds
+through the SDK's ``async with response``, which releases the half-read aiohttp response and so
+closes its connection at once. Closing an ``astream`` (``aclose()``, ``break``) cancels its reader
+task (``aio_native.in_task``) for the same clean unwinding, rather than leaving the SDK's inner
+generators to asyncio's finalizer. The aiohttp session is ours (``session=``), one per event loop,
+made as the SDK makes its shared one and closed when that loop shuts down or by ``close()`` /
+``aclose()``. aiohttp, with ``trust_env`` as the SDK sets it, looks up netrc and proxies on the
+loop's default executor (a small bounded pool): no thread per request.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import aclosing, closing, contextmanager
 from typing import Any
 
 from ..errors import (AuthenticationError, BackendUnavailableError, ConfigError,
@@ -32,10 +45,12 @@ from ..errors import (AuthenticationError, BackendUnavailableError, ConfigError,
                       RemoteRequestError, RemoteTimeoutError, ResponseFormatError, ServerError,
                       TongyiError)
 from ..types import Chunk, Request, Sampling
+from .aio_native import NativeAsync, PerLoop
 from .base import BaseGenerator
 from .remote import (Secret, StreamClock, ToolCallAssembler, coerce_sampling, redact,
-                     resolve_key, retry_after, short, wire_messages)
-from .retry import RetryPolicy, retrying_stream
+                     resolve_key, retry_after, short, wire_messages, wire_tools)
+from ..chat_format import with_schema_instruction
+from .retry import RetryPolicy, aretrying_stream, retrying_stream
 
 log = logging.getLogger("tongyi_local.dashscope")
 
@@ -74,7 +89,7 @@ def _sdk() -> Any:
     return dashscope
 
 
-class DashScopeGenerator(BaseGenerator):
+class DashScopeGenerator(NativeAsync, BaseGenerator):
     """Qwen models on DashScope, with the same results as the local backend."""
 
     remote = True
@@ -100,6 +115,7 @@ class DashScopeGenerator(BaseGenerator):
         if default is not None:
             self.default_sampling = default
         self.name = name or f"dashscope:{model}"
+        self._aclients = PerLoop(_aio_session, lambda session: session.close())
 
     def __repr__(self) -> str:
         key = "set" if self._api_key else f"from ${self.api_key_env}"
@@ -108,13 +124,17 @@ class DashScopeGenerator(BaseGenerator):
 
     # --- the backend -------------------------------------------------------------------------
     def _generate(self, request: Request) -> Iterator[Chunk]:
-        key = self._key()  # before any request: a missing key is a clear error now
-        if request.prompt is not None and not request.prompt.strip():
-            raise InvalidRequestError(f"{self.name}: the prompt is empty")
-        kwargs = self._call_kwargs(request, key)
-        clock = StreamClock()
-        return retrying_stream(self.retry, lambda: self._attempt(kwargs, clock.start),
+        kwargs, start = self._prepare(request)
+        return retrying_stream(self.retry, lambda: self._attempt(kwargs, start),
                                backend=self.name)
+
+    def _agenerate(self, request: Request) -> AsyncIterator[Chunk]:
+        kwargs, start = self._prepare(request)
+        return aretrying_stream(self.retry, lambda: self._aattempt(kwargs, start),
+                                backend=self.name)
+
+    def _release(self) -> None:
+        self._aclients.close_all()
 
     def health(self) -> bool:
         """True when the endpoint answers an authenticated model listing within the timeout."""
@@ -137,6 +157,14 @@ class DashScopeGenerator(BaseGenerator):
             return False
 
     # --- helpers -----------------------------------------------------------------------------
+    def _prepare(self, request: Request) -> tuple[dict[str, Any], float]:
+        """The SDK call's arguments and the request's start time, shared by every attempt;
+        a missing key is a clear error now, before any request."""
+        key = self._key()
+        if request.prompt is not None and not request.prompt.strip():
+            raise InvalidRequestError(f"{self.name}: the prompt is empty")
+        return self._call_kwargs(request, key), StreamClock().start
+
     def _key(self) -> str:
         key = resolve_key(self._api_key, self.api_key_env, self.name, required=True)
         assert key is not None
@@ -158,7 +186,15 @@ class DashScopeGenerator(BaseGenerator):
             "max_tokens": s.max_tokens, "request_timeout": self.timeout_s,
         }
         if request.messages is not None:
-            kwargs["messages"] = wire_messages(request.messages)
+            messages = request.messages
+            if request.response_schema is not None:  # json_object mode: the schema goes in words
+                messages = with_schema_instruction(messages, request.response_schema.schema)
+                kwargs["response_format"] = {"type": "json_object"}
+            kwargs["messages"] = wire_messages(messages)
+            tools = wire_tools(request)
+            if tools.get("tool_choice") == "required":  # DashScope knows auto, none and a name
+                tools["tool_choice"] = "auto"
+            kwargs.update(tools)
         else:
             kwargs["prompt"] = request.prompt
         if s.top_k > 0:
@@ -169,8 +205,6 @@ class DashScopeGenerator(BaseGenerator):
             kwargs["stop"] = list(s.stop)
         if s.repeat_penalty != 1.0:
             kwargs["repetition_penalty"] = s.repeat_penalty
-        if request.tools:
-            kwargs["tools"] = [dict(t) for t in request.tools]
         if self.workspace:
             kwargs["workspace"] = self.workspace
         if self.base_url:
@@ -179,50 +213,46 @@ class DashScopeGenerator(BaseGenerator):
 
     def _attempt(self, kwargs: dict[str, Any], start: float) -> Iterator[Chunk]:
         """One HTTP request: stream its text as chunks, then the final chunk with the Completion."""
-        sdk = _sdk()
-        clock = StreamClock(start)
-        tools = ToolCallAssembler()
-        parts: list[str] = []
-        usage: Mapping[str, Any] = {}
-        raw_finish: object = None
-        request_id = None
-        responses = None
-        try:
-            responses = sdk.Generation.call(**kwargs)
+        answer = _Answer(start, self._status_error)
+        with self._errors_mapped(answer), closing(_sdk().Generation.call(**kwargs)) as responses:
             for rsp in responses:
-                request_id = getattr(rsp, "request_id", None) or request_id
-                if rsp.status_code != 200:
-                    raise self._status_error(rsp)
-                output = rsp.output or {}
-                text, deltas, fin = _parse_output(output)
-                usage = rsp.usage or usage
-                if tools.add(deltas):
-                    clock.piece()
-                if fin not in (None, "", "null"):
-                    raw_finish = fin
+                text = answer.take(rsp)
                 if text:
-                    clock.piece()
-                    parts.append(text)
                     yield Chunk(text)
+        yield self._final(answer)
+
+    async def _aattempt(self, kwargs: dict[str, Any], start: float) -> AsyncIterator[Chunk]:
+        """``_attempt`` through ``AioGeneration`` on this loop's aiohttp session."""
+        answer = _Answer(start, self._status_error)
+        with self._errors_mapped(answer):
+            session = await self._aclients.get()
+            call = _sdk().AioGeneration.call(**kwargs, session=session)
+            async with aclosing(await call) as responses:
+                async for rsp in responses:
+                    text = answer.take(rsp)
+                    if text:
+                        yield Chunk(text)
+        yield self._final(answer)
+
+    @contextmanager
+    def _errors_mapped(self, answer: _Answer) -> Iterator[None]:
+        """The one place SDK/HTTP exceptions, sync or async, become the library's errors."""
+        try:
+            yield
         except TongyiError:
             raise
-        except Exception as e:  # noqa: BLE001 - the one place SDK/HTTP errors are mapped
-            raise self._exception_error(e, request_id) from None
-        finally:
-            close = getattr(responses, "close", None)
-            if close is not None:
-                close()
-        if raw_finish is None:
+        except Exception as exc:  # noqa: BLE001 - everything the SDK raises is mapped here
+            raise self._exception_error(exc, answer.request_id) from exc
+
+    def _final(self, answer: _Answer) -> Chunk:
+        """The last chunk, carrying the Completion; a stream cut before its end is an error."""
+        if answer.raw_finish is None:
             raise RemoteConnectionError(
                 f"{self.name}: the stream ended before DashScope said it was finished; "
                 "the connection may have been cut, try again", backend=self.name,
-                request_id=request_id)
-        details = usage.get("prompt_tokens_details") or {}
-        completion = clock.completion(
-            text="".join(parts), raw_finish=raw_finish, tool_calls=tools.calls(),
-            prompt_tokens=usage.get("input_tokens"), completion_tokens=usage.get("output_tokens"),
-            cached_tokens=int(details.get("cached_tokens") or 0), model=self.name)
-        yield Chunk("", finish_reason=completion.finish_reason, completion=completion)
+                request_id=answer.request_id)
+        completion = answer.completion(self.name)
+        return Chunk("", finish_reason=completion.finish_reason, completion=completion)
 
     def _status_error(self, rsp: Any) -> RemoteError:
         status = int(rsp.status_code or 0)
@@ -256,25 +286,25 @@ class DashScopeGenerator(BaseGenerator):
         return RemoteError(f"{self.name}: unexpected status {status} ({code}: {message})", **common)
 
     def _exception_error(self, e: Exception, request_id: str | None) -> RemoteError:
-        import requests
-
+        """An exception from the SDK (requests underneath the sync API, aiohttp underneath
+        ``AioGeneration``) as the library's error: the one mapping for both."""
         where = self._url()
         common = {"backend": self.name, "request_id": request_id}
         kind = type(e).__name__
-        if isinstance(e, requests.exceptions.Timeout) or "timed out" in str(e).lower():
+        errors = _transport_errors()
+        if isinstance(e, errors["timeout"]) or "timed out" in str(e).lower():
             return RemoteTimeoutError(
                 f"{self.name}: no answer from {where} within {self.timeout_s:g} s ({kind}); "
                 "raise timeout_s or check the network", **common)
-        if isinstance(e, requests.exceptions.ChunkedEncodingError):
+        if isinstance(e, errors["dropped"]):
             return RemoteConnectionError(
                 f"{self.name}: the connection to {where} dropped mid-answer ({kind}); try again",
                 **common)
-        if isinstance(e, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
-                          requests.exceptions.InvalidSchema)):
+        if isinstance(e, errors["bad_url"]):
             return RemoteRequestError(f"{self.name}: base_url {where!r} is not a valid URL "
                                       "(expected e.g. https://dashscope.aliyuncs.com/api/v1)",
                                       **common)
-        if isinstance(e, requests.exceptions.ConnectionError):
+        if isinstance(e, errors["unreachable"]):
             return RemoteConnectionError(
                 f"{self.name}: cannot reach DashScope at {where} ({kind}); check the network, "
                 "proxy settings and base_url", **common)
@@ -284,6 +314,70 @@ class DashScopeGenerator(BaseGenerator):
                 "that base_url points at a DashScope API", **common)
         return RemoteError(f"{self.name}: request to {where} failed ({kind}: "
                            f"{short(redact(str(e)), 200)})", **common)
+
+
+class _Answer:
+    """What one DashScope answer has accumulated from the SDK's stream events: the one parser,
+    fed by the sync and the async attempt alike. ``rejected`` turns an event with a non-200
+    status into the exception to raise."""
+
+    def __init__(self, start: float, rejected: Callable[[Any], RemoteError]) -> None:
+        self.clock = StreamClock(start)
+        self.rejected = rejected
+        self.tools = ToolCallAssembler()
+        self.parts: list[str] = []
+        self.usage: Mapping[str, Any] = {}
+        self.raw_finish: object = None
+        self.request_id: str | None = None
+
+    def take(self, rsp: Any) -> str:
+        """Absorb one SDK response event; return its new text."""
+        self.request_id = getattr(rsp, "request_id", None) or self.request_id
+        if rsp.status_code != 200:
+            raise self.rejected(rsp)
+        text, deltas, fin = _parse_output(rsp.output or {})
+        self.usage = rsp.usage or self.usage
+        if self.tools.add(deltas):
+            self.clock.piece()
+        if fin not in (None, "", "null"):
+            self.raw_finish = fin
+        if text:
+            self.clock.piece()
+            self.parts.append(text)
+        return text
+
+    def completion(self, model: str) -> Any:
+        details = self.usage.get("prompt_tokens_details") or {}
+        return self.clock.completion(
+            text="".join(self.parts), raw_finish=self.raw_finish, tool_calls=self.tools.calls(),
+            prompt_tokens=self.usage.get("input_tokens"),
+            completion_tokens=self.usage.get("output_tokens"),
+            cached_tokens=int(details.get("cached_tokens") or 0), model=model)
+
+
+def _transport_errors() -> dict[str, tuple[type[BaseException], ...]]:
+    """The SDK's transport exceptions by what they mean, for requests (the sync API) and
+    aiohttp (``AioGeneration``). Timeouts first: some are also connection errors."""
+    import aiohttp
+    import requests
+
+    rex = requests.exceptions
+    return {"timeout": (rex.Timeout, TimeoutError),
+            "dropped": (rex.ChunkedEncodingError, aiohttp.ClientPayloadError),
+            "bad_url": (rex.InvalidURL, rex.MissingSchema, rex.InvalidSchema, aiohttp.InvalidURL),
+            "unreachable": (rex.ConnectionError, aiohttp.ClientConnectionError)}
+
+
+def _aio_session() -> Any:
+    """An aiohttp session for ``AioGeneration``, made as the SDK makes its shared one (certifi's
+    CA bundle, proxies from the environment), but owned by us so that it is closed."""
+    import ssl
+
+    import aiohttp
+    import certifi
+
+    context = ssl.create_default_context(cafile=certifi.where())
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context), trust_env=True)
 
 
 def _parse_output(output: Mapping[str, Any]) -> tuple[str, list[Any], object]:

@@ -28,9 +28,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import BackendError, ContextOverflowError, GeneratorClosedError
+from ..errors import BackendError, ContextOverflowError, GeneratorClosedError, OutputParseError
 from ..types import Chunk, Completion, Timings, Usage
 from .jobs import CLOSED, Job
+from .sequence import GrammarDeadEnd
 from .slots import Slot, SlotPolicy
 
 try:
@@ -254,12 +255,26 @@ class BatchEngine(SlotPolicy):
         if not outputs:
             return
         rows = self._rows(len(outputs))
-        greedy = [slot.job.sequence.fast_greedy for slot, _ in outputs]
-        picks = rows.argmax(axis=1).tolist() if all(greedy) else [
-            int(rows[r].argmax()) if g else slot.job.sequence.sample(self._ctx, index)
-            for r, ((slot, index), g) in enumerate(zip(outputs, greedy))]
+        if all(slot.job.sequence.fast_greedy for slot, _ in outputs):
+            picks = rows.argmax(axis=1).tolist()
+        else:
+            picks = [self._sample(slot, index, rows[r]) for r, (slot, index) in enumerate(outputs)]
         for (slot, _), token in zip(outputs, picks):
+            if token is None:  # that request failed alone; its slot is free
+                continue
             self._on_token(slot, token, now)
+
+    def _sample(self, slot: Slot, index: int, row: np.ndarray) -> int | None:
+        sequence = slot.job.sequence
+        if sequence.fast_greedy:
+            return int(row.argmax())
+        try:
+            return sequence.sample(self._ctx, index, row, self._piece)
+        except GrammarDeadEnd as exc:
+            job = slot.job
+            self._release(slot, time.perf_counter())
+            job.out.put(OutputParseError(f"{self.model_name}: {exc}"))
+            return None
 
     def _decode(self, entries: list[tuple[Slot, int, int]]) -> list[tuple[Slot, int, int]]:
         """One llama_decode; when the cache is full, free cells and try again with less."""

@@ -57,8 +57,7 @@ class FakeReply:
             object.__setattr__(self, "text", "".join(pieces))
         calls = tuple(c if isinstance(c, ToolCall) else
                       ToolCall(id=str(c.get("id") or f"call_{i}"), name=str(c["name"]),
-                               arguments=c["arguments"] if isinstance(c.get("arguments"), str)
-                               else _json(c.get("arguments", {})))
+                               arguments=c.get("arguments") or {})
                       for i, c in enumerate(self.tool_calls))
         object.__setattr__(self, "tool_calls", calls)
 
@@ -171,8 +170,3 @@ def _words(text: str) -> tuple[str, ...]:
         pieces.append(word if not pieces else " " + word)
     return tuple(p for p in pieces if p)
 
-
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value)

@@ -11,10 +11,19 @@ from __future__ import annotations
 import queue
 import weakref
 from collections.abc import Callable
+from typing import Protocol
 
 from ..errors import BackendError
 from ..types import Chunk
 from .sequence import Sequence
+
+class Shaper(Protocol):
+    """Reshapes a request's raw chunks (e.g. holds back tool-call text, parses the answer)."""
+
+    def text(self, text: str) -> str: ...
+
+    def final(self, chunk: Chunk) -> Chunk: ...
+
 
 CLOSED = object()  # queue sentinel: the request was cancelled; the stream ends quietly
 
@@ -52,8 +61,9 @@ class Stream:
     """
 
     def __init__(self, job: Job, cancel: Callable[[Job], None], alive: Callable[[], bool],
-                 owner: object) -> None:
+                 owner: object, shaper: Shaper | None = None) -> None:
         self._job = job
+        self._shaper = shaper
         self._alive = alive
         self._owner = owner  # the generator must outlive its streams (it frees the model)
         self._finished = False
@@ -81,6 +91,10 @@ class Stream:
             raise item
         if item.completion is not None:
             self._end()
+            return self._shaper.final(item) if self._shaper is not None else item
+        if self._shaper is not None:
+            text = self._shaper.text(item.text)
+            return item if text == item.text else Chunk(text)
         return item
 
     def quiet(self) -> Stream:

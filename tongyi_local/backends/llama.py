@@ -11,6 +11,7 @@ this module loads the model, makes the context, turns requests into token lists 
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import functools
 import logging
@@ -18,14 +19,16 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
+from .. import chat_format
 from ..errors import (BackendError, BackendUnavailableError, ContextOverflowError,
                       InvalidRequestError, ModelLoadError)
 from ..gguf_header import GGUFHeader, read_header
 from ..hardware import ThreadPlan, apply_pinning, this_machine_plan
+from ..tool_calls import OPEN, AnswerShaper
 from ..types import Completion, Message, Request, Sampling
-from .aio import AsyncMixin
 from .base import BaseGenerator
 from .engine import BatchEngine
 from .jobs import Job, Stream
@@ -113,7 +116,7 @@ def _free(ctx: object, model: object) -> None:
         L.llama_model_free(model)
 
 
-class LlamaGenerator(AsyncMixin, BaseGenerator):
+class LlamaGenerator(BaseGenerator):
     """A GGUF model loaded in-process, serving up to ``slots`` requests at once.
 
     Thread-safe: requests from any thread join the running batch at the next step; beyond
@@ -126,8 +129,15 @@ class LlamaGenerator(AsyncMixin, BaseGenerator):
     ``clear_cache()`` drops them and ``reuse_prompt_prefix=False`` never keeps them.
     llama.cpp's quantized kernels are not batch-invariant: a greedy request decoded alongside
     others may take another path at a near-tie; ``slots=1`` gives run-to-run identical text.
-    ``close()`` ends running and queued requests with ``GeneratorClosedError``.
+    ``close()`` ends running and queued requests with ``GeneratorClosedError``; every method
+    used after it raises ``GeneratorClosedError`` (the model's memory is gone).
+
+    Tools and ``response_schema`` are decoded under a grammar (``schema.py``), so a required or
+    named tool call, and a structured answer, always parse and validate; in ``auto`` mode the
+    grammar wakes up when the model writes ``<tool_call>`` (llama.cpp's lazy grammar).
     """
+
+    guarantees_schema = True
 
     def __init__(self, model_path: str | Path, *, n_ctx: int | None = 4096, n_batch: int = 512,
                  n_ubatch: int = 512, threads: int | None = None, batch_threads: int | None = None,
@@ -143,6 +153,7 @@ class LlamaGenerator(AsyncMixin, BaseGenerator):
                                       f"{', '.join(KV_CACHE_TYPES)} (got {kv_cache_type!r})")
         header = read_header(model_path)  # rejects bad files before llama.cpp sees them
         _ensure_runtime()
+        self._use_lock = threading.RLock()  # close() waits for users of the model's memory
         self.path = header.path
         self.name = name or self.path.stem
         self.default_sampling = sampling or Sampling()
@@ -169,6 +180,9 @@ class LlamaGenerator(AsyncMixin, BaseGenerator):
         self._finalizer = weakref.finalize(self, self._engine.close)
         template = L.llama_model_chat_template(self._model, None)
         self._template = template or _builtin_template_for(header)
+        self._jinja_template = template.decode("utf-8", "replace") if template else None
+        self._bos_text = self._special_text(L.llama_vocab_bos(self._vocab))
+        self._eos_text = self._special_text(L.llama_vocab_eos(self._vocab))
         self.load_ms = self._engine.load_ms = (time.perf_counter() - started) * 1e3
         self.info = ModelInfo(
             path=self.path, architecture=header.architecture, n_ctx=self._n_ctx,
@@ -224,11 +238,23 @@ class LlamaGenerator(AsyncMixin, BaseGenerator):
 
     # --- text <-> tokens --------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        return tokenize(self._vocab, text, add_special=add_special, parse_special=True)
+        with self._in_use():
+            return tokenize(self._vocab, text, add_special=add_special, parse_special=True)
 
-    def render_chat(self, messages: tuple[Message, ...]) -> str:
-        """Apply the model's chat template (the GGUF's own, else the architecture's built-in)."""
-        keep = [(m.role.encode(), m.content.encode()) for m in messages]
+    def render_chat(self, messages: tuple[Message, ...], tools: tuple = ()) -> str:
+        """The prompt text of a chat: the GGUF's own Jinja template (sandboxed; with ``tools``),
+        else the architecture's built-in template through llama.cpp."""
+        self._check_open()
+        if self._jinja_template is not None:
+            return chat_format.render(self._jinja_template, messages, tools,
+                                      bos_token=self._bos_text, eos_token=self._eos_text,
+                                      model=self.name)
+        if tools:
+            messages = chat_format.with_tool_prompt(messages, tools)
+        return self._builtin_render(chat_format.tools_as_text(messages))
+
+    def _builtin_render(self, messages: tuple[Message, ...]) -> str:
+        keep = [(m.role.encode(), m.content.encode("utf-8", "surrogatepass")) for m in messages]
         chat = (L.llama_chat_message * len(keep))(
             *[L.llama_chat_message(role=r, content=c) for r, c in keep])
         size = 2 * sum(len(c) + len(r) for r, c in keep) + 256
@@ -244,36 +270,83 @@ class LlamaGenerator(AsyncMixin, BaseGenerator):
             size = n
         raise BackendError("chat template output did not fit its buffer")
 
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        buf = ctypes.create_string_buffer(64)
+        n = L.llama_token_to_piece(self._vocab, token, buf, 64, 0, True)
+        return buf.raw[:max(n, 0)].decode("utf-8", "replace")
+
     def _prompt_tokens(self, request: Request) -> list[int]:
-        if request.tools:
-            raise InvalidRequestError(f"{self.name}: the local backend does not take tools= yet")
         if request.messages is None:
             tokens = self.tokenize(request.prompt)
         else:
-            tokens = self.tokenize(self.render_chat(request.messages))
+            messages = request.messages
+            if request.response_schema is not None:
+                messages = chat_format.with_schema_instruction(messages,
+                                                               request.response_schema.schema)
+            tools = request.tools if request.calls_tools else ()
+            tokens = self.tokenize(self.render_chat(messages, tools))
             if len(tokens) > 1 and tokens[0] == tokens[1] == self._bos:
                 tokens = tokens[1:]  # template text already starts with BOS
-        if not tokens:
+        if not tokens or (request.prompt is not None and not request.prompt.strip()):
             raise InvalidRequestError("the prompt is empty")
         if len(tokens) >= self._n_ctx:
             raise ContextOverflowError(len(tokens), self._n_ctx,
                                        " (one more is needed for the reply)")
         return tokens
 
+    def _grammar(self, request: Request) -> object:
+        """The grammar sampler a request decodes under, or None (plain text)."""
+        from .. import schema
+
+        if request.response_schema is not None:
+            return self._grammar_sampler(schema.grammar_for(request.response_schema.schema))
+        if not request.calls_tools:
+            return None
+        choice = request.tool_choice
+        tools = [t for t in request.tools if choice.mode != "named" or t.name == choice.name]
+        text = schema.tool_call_grammar([(t.name, t.parameters) for t in tools],
+                                        parallel=request.parallel_tool_calls
+                                        and choice.mode != "named")
+        return self._grammar_sampler(text, lazy=choice.mode == "auto")
+
+    def _grammar_sampler(self, grammar: str, *, lazy: bool = False) -> object:
+        if lazy:  # constrain from the first "<tool_call>" on; free text before it
+            patterns = (ctypes.c_char_p * 1)(f"[\\s\\S]*?({OPEN}[\\s\\S]*)".encode())
+            sampler = L.llama_sampler_init_grammar_lazy_patterns(
+                self._vocab, grammar.encode(), b"root", patterns, 1, None, 0)
+        else:
+            sampler = L.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise InvalidRequestError(_llama_reason(
+                f"{self.name}: llama.cpp rejected the grammar built for this request"))
+        return sampler
+
+    @contextlib.contextmanager
+    def _in_use(self) -> Iterator[None]:
+        """Hold the model's memory for the caller: close() waits, a closed model refuses."""
+        with self._use_lock:
+            self._check_open()
+            yield
+
     # --- generation -------------------------------------------------------------------------
     def _generate(self, request: Request) -> Stream:
         """Queue the request with the engine; the returned stream yields its chunks."""
         started = time.perf_counter()
-        tokens = self._prompt_tokens(request)  # fails before any work is queued
-        sequence = Sequence(self._n_vocab, request.sampling)
-        sequence.accept_prompt(tokens)
-        job = Job(tokens, sequence, request.sampling.max_tokens, started)
-        try:
-            self._engine.submit(job)
-        except BaseException:
-            sequence.free()
-            raise
-        return Stream(job, self._engine.cancel, self._engine.alive, self)
+        with self._in_use():
+            tokens = self._prompt_tokens(request)  # fails before any work is queued
+            sequence = Sequence(self._n_vocab, request.sampling, self._grammar(request))
+            try:
+                sequence.accept_prompt(tokens)
+                job = Job(tokens, sequence, request.sampling.max_tokens, started)
+                self._engine.submit(job)
+            except BaseException:
+                sequence.free()
+                raise
+        shaper = (AnswerShaper(request, self.name)
+                  if request.calls_tools or request.response_schema is not None else None)
+        return Stream(job, self._engine.cancel, self._engine.alive, self, shaper)
 
     def _drain(self, chunks: Stream) -> Completion:  # type: ignore[override]
         """complete/chat: the text arrives whole with the final chunk, not token by token."""
@@ -293,7 +366,8 @@ class LlamaGenerator(AsyncMixin, BaseGenerator):
         self._engine.clear_cache()
 
     def _release(self) -> None:
-        self._finalizer()
+        with self._use_lock:
+            self._finalizer()
 
 
 def _builtin_template_for(header: GGUFHeader) -> bytes:
@@ -311,7 +385,12 @@ def _llama_reason(default: str) -> str:
 
 def tokenize(vocab: object, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
     """llama.cpp's tokenizer, retried once with the exact size it asks for."""
-    data = text.encode("utf-8")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"the text has a character UTF-8 cannot encode at position "
+                                  f"{exc.start} ({exc.reason}: a lone surrogate?); pass valid "
+                                  "Unicode text") from exc
     capacity = len(data) + 16
     for _ in range(2):
         buf = (L.llama_token * capacity)()

@@ -19,6 +19,12 @@ Ollama, ...) behind the Generator protocol.
 Every request streams (with ``stream_options.include_usage``) so every result has a TTFT. When a
 server reports no usage, completion tokens are the number of streamed pieces and prompt tokens 0.
 
+``acomplete``/``achat``/``astream`` run on the event loop over an ``httpx.AsyncClient`` (one per
+loop, made on first use; ``close()`` or ``await aclose()`` closes them), not on a thread: a
+cancelled task or a closed async stream closes its HTTP connection at once. Both paths build the
+request, parse the stream (``_StreamState``) and map errors (``_mapped``, ``_status_error``) with
+the same code; only the reading differs.
+
 Why httpx rather than the ``openai`` SDK: httpx is already required by the ``dashscope`` SDK, so
 this backend adds no dependency; the wire protocol is a POST and an SSE stream; the SDK would bring
 a second HTTP stack and its own retry loop (to be disabled in favour of the shared policy), and it
@@ -29,7 +35,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -38,15 +46,16 @@ from ..errors import (AuthenticationError, ConfigError, InvalidRequestError, Rat
                       RemoteConnectionError, RemoteError, RemoteRequestError, RemoteTimeoutError,
                       ResponseFormatError, ServerError, TongyiError)
 from ..types import Chunk, Request, Sampling
+from .aio_native import NativeAsync, PerLoop
 from .base import BaseGenerator
 from .remote import (Secret, StreamClock, ToolCallAssembler, coerce_sampling, redact,
-                     resolve_key, retry_after, short, wire_messages)
-from .retry import RetryPolicy, retrying_stream
+                     resolve_key, retry_after, short, wire_messages, wire_tools)
+from .retry import RetryPolicy, aretrying_stream, retrying_stream
 
 log = logging.getLogger("tongyi_local.openai")
 
 
-class OpenAIGenerator(BaseGenerator):
+class OpenAIGenerator(NativeAsync, BaseGenerator):
     """A model served over the OpenAI chat/completions protocol."""
 
     remote = True
@@ -77,8 +86,9 @@ class OpenAIGenerator(BaseGenerator):
         if default is not None:
             self.default_sampling = default
         self.name = name or f"openai:{model}"
-        self._client = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(self.timeout_s),
-                                    follow_redirects=False)
+        self._client = httpx.Client(**self._client_options())
+        self._aclients = PerLoop(lambda: httpx.AsyncClient(**self._client_options()),
+                                 lambda client: client.aclose())
 
     def __repr__(self) -> str:
         key = ("set" if self._api_key else
@@ -87,13 +97,12 @@ class OpenAIGenerator(BaseGenerator):
 
     # --- the backend -------------------------------------------------------------------------
     def _generate(self, request: Request) -> Iterator[Chunk]:
-        headers = self._headers()  # a named but missing key is an error before any request
-        if request.prompt is not None and not request.prompt.strip():
-            raise InvalidRequestError(f"{self.name}: the prompt is empty")
-        path, body = self._body(request)
-        clock = StreamClock()
-        return retrying_stream(self.retry, lambda: self._attempt(path, body, headers, clock.start),
-                               backend=self.name)
+        call = self._prepare(request)
+        return retrying_stream(self.retry, lambda: self._attempt(call), backend=self.name)
+
+    def _agenerate(self, request: Request) -> AsyncIterator[Chunk]:
+        call = self._prepare(request)
+        return aretrying_stream(self.retry, lambda: self._aattempt(call), backend=self.name)
 
     def health(self) -> bool:
         """True when ``GET {base_url}/models`` answers 200 within the timeout."""
@@ -109,8 +118,22 @@ class OpenAIGenerator(BaseGenerator):
 
     def _release(self) -> None:
         self._client.close()
+        self._aclients.close_all()
 
     # --- helpers -----------------------------------------------------------------------------
+    def _client_options(self) -> dict[str, Any]:
+        """What the sync client and every loop's async client are made with."""
+        return {"base_url": self.base_url, "timeout": httpx.Timeout(self.timeout_s),
+                "follow_redirects": False}
+
+    def _prepare(self, request: Request) -> _Call:
+        """What every attempt sends; a named but missing key is an error before any request."""
+        headers = self._headers()
+        if request.prompt is not None and not request.prompt.strip():
+            raise InvalidRequestError(f"{self.name}: the prompt is empty")
+        path, body = self._body(request)
+        return _Call(path, body, headers, StreamClock().start)
+
     def _headers(self) -> dict[str, str]:
         key = resolve_key(self._api_key, self.api_key_env, self.name,
                           required=self.api_key_env is not None and not self._api_key)
@@ -136,76 +159,98 @@ class OpenAIGenerator(BaseGenerator):
         if request.messages is not None:
             path = "/chat/completions"
             body["messages"] = wire_messages(request.messages)
-            if request.tools:
-                body["tools"] = [dict(t) for t in request.tools]
+            body.update(wire_tools(request))
+            if request.response_schema is not None:
+                body["response_format"] = {"type": "json_schema", "json_schema": {
+                    "name": request.response_schema.name, "strict": True,
+                    "schema": dict(request.response_schema.schema)}}
         else:
             path = "/completions"
             body["prompt"] = request.prompt
         body.update(self.extra_body)
         return path, body
 
-    def _attempt(self, path: str, body: dict[str, Any], headers: dict[str, str],
-                 start: float) -> Iterator[Chunk]:
+    def _attempt(self, call: _Call) -> Iterator[Chunk]:
         """One HTTP request: stream its text as chunks, then the final chunk with the Completion."""
-        state = _StreamState(StreamClock(start))
-        try:
-            with self._client.stream("POST", path, json=body, headers=headers) as rsp:
+        state = _StreamState(StreamClock(call.start), self._stream_error)
+        with self._errors_mapped(), self._client.stream(
+                "POST", call.path, json=call.body, headers=call.headers) as rsp:
+            if rsp.status_code != 200:
+                raise self._status_error(rsp, _head(rsp.iter_bytes()))
+            if not _is_sse(rsp):  # the server ignored "stream": one JSON answer
+                if chunk := state.whole(rsp.read()):
+                    yield chunk
+            else:
+                for line in rsp.iter_lines():
+                    if chunk := state.feed(line):
+                        yield chunk
+                    if state.done:
+                        break
+        yield self._final(state)
+
+    async def _aattempt(self, call: _Call) -> AsyncIterator[Chunk]:
+        """``_attempt`` on the event loop: the same parsing and errors, read asynchronously."""
+        state = _StreamState(StreamClock(call.start), self._stream_error)
+        with self._errors_mapped():
+            client = await self._aclients.get()
+            async with client.stream("POST", call.path, json=call.body,
+                                     headers=call.headers) as rsp:
                 if rsp.status_code != 200:
-                    raise self._status_error(rsp)
-                if "text/event-stream" not in rsp.headers.get("content-type", ""):
-                    text = state.take(json.loads(rsp.read()), whole=True)  # server ignored stream
-                    if text:
-                        yield Chunk(text)
+                    raise self._status_error(rsp, await _ahead(rsp.aiter_bytes()))
+                if not _is_sse(rsp):
+                    if chunk := state.whole(await rsp.aread()):
+                        yield chunk
                 else:
-                    for line in rsp.iter_lines():
-                        data = _sse_data(line)
-                        if data is None:
-                            continue
-                        if data == "[DONE]":
-                            state.done = True
+                    async for line in rsp.aiter_lines():
+                        if chunk := state.feed(line):
+                            yield chunk
+                        if state.done:
                             break
-                        event = json.loads(data)
-                        if isinstance(event, Mapping) and event.get("error"):
-                            raise self._stream_error(event["error"])
-                        text = state.take(event)
-                        if text:
-                            yield Chunk(text)
+        yield self._final(state)
+
+    @contextmanager
+    def _errors_mapped(self) -> Iterator[None]:
+        """The one place httpx and protocol errors, sync or async, become the library's."""
+        try:
+            yield
         except TongyiError:
             raise
-        except httpx.TimeoutException as e:
-            raise RemoteTimeoutError(
-                f"{self.name}: no answer from {self.base_url} within {self.timeout_s:g} s "
-                f"({type(e).__name__}); raise timeout_s or check the server's load",
-                backend=self.name) from None
-        except httpx.ConnectError as e:
-            raise RemoteConnectionError(
-                f"{self.name}: cannot connect to {self.base_url} ({short(str(e), 120)}); "
-                "is the server running and base_url right?", backend=self.name) from None
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
-            raise RemoteConnectionError(
-                f"{self.name}: the connection to {self.base_url} dropped mid-answer "
-                f"({type(e).__name__}); try again", backend=self.name) from None
-        except httpx.HTTPError as e:
-            raise RemoteError(f"{self.name}: request to {self.base_url} failed "
-                              f"({type(e).__name__})", backend=self.name) from None
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
-            raise ResponseFormatError(
-                f"{self.name}: the answer from {self.base_url} is not the OpenAI protocol "
-                f"({type(e).__name__}); check base_url (it usually ends in /v1)",
-                backend=self.name) from None
+        except _UNDERSTOOD as exc:
+            raise self._mapped(exc) from exc
+
+    def _final(self, state: _StreamState) -> Chunk:
+        """The last chunk, carrying the Completion; a stream cut before its end is an error."""
         if state.raw_finish is None and not state.done:
             raise RemoteConnectionError(
                 f"{self.name}: the stream from {self.base_url} ended before the answer was "
                 "finished; try again", backend=self.name)
         completion = state.completion(self.name)
-        yield Chunk("", finish_reason=completion.finish_reason, completion=completion)
+        return Chunk("", finish_reason=completion.finish_reason, completion=completion)
 
-    def _status_error(self, rsp: httpx.Response) -> RemoteError:
-        raw = b""
-        for piece in rsp.iter_bytes():  # error bodies are small; read at most 64 KiB of one
-            raw += piece
-            if len(raw) > 65536:
-                break
+    def _mapped(self, e: Exception) -> RemoteError:
+        """An httpx or parsing error as the library's error: the one mapping, sync and async."""
+        if isinstance(e, httpx.TimeoutException):
+            return RemoteTimeoutError(
+                f"{self.name}: no answer from {self.base_url} within {self.timeout_s:g} s "
+                f"({type(e).__name__}); raise timeout_s or check the server's load",
+                backend=self.name)
+        if isinstance(e, httpx.ConnectError):
+            return RemoteConnectionError(
+                f"{self.name}: cannot connect to {self.base_url} ({short(str(e), 120)}); "
+                "is the server running and base_url right?", backend=self.name)
+        if isinstance(e, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+            return RemoteConnectionError(
+                f"{self.name}: the connection to {self.base_url} dropped mid-answer "
+                f"({type(e).__name__}); try again", backend=self.name)
+        if isinstance(e, httpx.HTTPError):
+            return RemoteError(f"{self.name}: request to {self.base_url} failed "
+                               f"({type(e).__name__})", backend=self.name)
+        return ResponseFormatError(
+            f"{self.name}: the answer from {self.base_url} is not the OpenAI protocol "
+            f"({type(e).__name__}); check base_url (it usually ends in /v1)", backend=self.name)
+
+    def _status_error(self, rsp: httpx.Response, raw: bytes) -> RemoteError:
+        """A non-200 answer (``raw``: the start of its body) as the library's error."""
         message = raw.decode("utf-8", "replace")
         try:
             payload = json.loads(raw)
@@ -245,17 +290,51 @@ class OpenAIGenerator(BaseGenerator):
                            f"({message})", backend=self.name)
 
 
-class _StreamState:
-    """What one answer has accumulated: text, tool calls, finish reason, usage, server timings."""
+@dataclass(frozen=True)
+class _Call:
+    """One prepared request: what each attempt, sync or async, sends."""
 
-    def __init__(self, clock: StreamClock) -> None:
+    path: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+    start: float  # when the caller asked: TTFT counts retries too
+
+
+class _StreamState:
+    """What one answer has accumulated: text, tool calls, finish reason, usage, server timings.
+
+    The one parser of the protocol: the sync and async attempts only read lines and hand them
+    here. ``on_error`` turns an error event in the stream into the exception to raise.
+    """
+
+    def __init__(self, clock: StreamClock, on_error: Callable[[Any], Exception]) -> None:
         self.clock = clock
+        self.on_error = on_error
         self.tools = ToolCallAssembler()
         self.parts: list[str] = []
         self.raw_finish: object = None
         self.usage: Mapping[str, Any] = {}
         self.timings: Mapping[str, Any] | None = None
         self.done = False
+
+    def feed(self, line: str) -> Chunk | None:
+        """Absorb one SSE line; its new text as a chunk, if any. ``[DONE]`` sets ``done``."""
+        data = _sse_data(line)
+        if data is None or self.done:
+            return None
+        if data == "[DONE]":
+            self.done = True
+            return None
+        event = json.loads(data)
+        if isinstance(event, Mapping) and event.get("error"):
+            raise self.on_error(event["error"])
+        text = self.take(event)
+        return Chunk(text) if text else None
+
+    def whole(self, raw: bytes) -> Chunk | None:
+        """Absorb a whole non-streamed answer (a server that ignored ``stream``)."""
+        text = self.take(json.loads(raw), whole=True)
+        return Chunk(text) if text else None
 
     def take(self, event: Mapping[str, Any], whole: bool = False) -> str:
         """Absorb one event (or a whole non-streamed answer); return its new text."""
@@ -297,3 +376,32 @@ def _sse_data(line: str) -> str | None:
     if not line.startswith("data:"):
         return None
     return line[5:].strip()
+
+
+# What ``_mapped`` understands: transport errors, and a body that is not the protocol.
+_UNDERSTOOD = (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError, IndexError)
+_ERROR_BODY_LIMIT = 65536  # error bodies are small; never read more than this of one
+
+
+def _is_sse(rsp: httpx.Response) -> bool:
+    return "text/event-stream" in rsp.headers.get("content-type", "")
+
+
+def _head(pieces: Iterator[bytes]) -> bytes:
+    """The start of an error body, read from a sync response."""
+    raw = b""
+    for piece in pieces:
+        raw += piece
+        if len(raw) > _ERROR_BODY_LIMIT:
+            break
+    return raw
+
+
+async def _ahead(pieces: AsyncIterator[bytes]) -> bytes:
+    """The start of an error body, read from an async response."""
+    raw = b""
+    async for piece in pieces:
+        raw += piece
+        if len(raw) > _ERROR_BODY_LIMIT:
+            break
+    return raw

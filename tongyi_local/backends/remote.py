@@ -15,7 +15,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import AuthenticationError, ConfigError
-from ..types import Completion, FinishReason, Message, Sampling, Timings, ToolCall, Usage
+from ..types import (Completion, FinishReason, Message, Request, Sampling, Timings, ToolCall,
+                     Usage)
 
 
 def wire_messages(messages: Iterable[Message]) -> list[dict[str, Any]]:
@@ -26,7 +27,7 @@ def wire_messages(messages: Iterable[Message]) -> list[dict[str, Any]]:
         if m.tool_calls:
             item["tool_calls"] = [
                 {"id": c.id, "type": "function",
-                 "function": {"name": c.name, "arguments": c.arguments}}
+                 "function": {"name": c.name, "arguments": c.arguments_json}}
                 for c in m.tool_calls]
         if m.tool_call_id is not None:
             item["tool_call_id"] = m.tool_call_id
@@ -62,6 +63,20 @@ class ToolCallAssembler:
         return tuple(ToolCall(id=c["id"] or f"call_{i}", name=c["name"],
                               arguments=c["arguments"] or "{}")
                      for i, c in sorted(self._calls.items()) if c["name"])
+
+
+def wire_tools(request: Request) -> dict[str, Any]:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` in the OpenAI wire form
+    (DashScope takes the same), or nothing when the request offers no tools."""
+    if not request.tools:
+        return {}
+    choice = request.tool_choice
+    body: dict[str, Any] = {"tools": [t.to_openai() for t in request.tools],
+                            "tool_choice": (choice.mode if choice.mode != "named" else
+                                            {"type": "function", "function": {"name": choice.name}})}
+    if not request.parallel_tool_calls:
+        body["parallel_tool_calls"] = False
+    return body
 
 
 def finish_reason(raw: object, has_tool_calls: bool) -> FinishReason:

@@ -4,11 +4,20 @@ Why a module of its own: the batching engine runs many of these side by side, on
 the llama.cpp batch; everything here is per request and touches no shared state, so a second
 request is a second object. Greedy requests skip the sampler chain: the engine takes the argmax
 of the logits row with numpy, which is what keeps the hot loop lean.
+
+A request under a grammar (tool calls, structured output) keeps its grammar sampler apart from
+the chain, as llama.cpp's common sampler does: the token the chain (or the argmax) picks is checked
+against the grammar alone, and only when the grammar rejects it is the grammar applied to the whole
+vocabulary and the pick made again. Most steps pay for one token's check, not the vocabulary's.
 """
 
 from __future__ import annotations
 
 import codecs
+import ctypes
+from collections.abc import Callable
+
+import numpy as np
 
 from ..types import Sampling
 
@@ -18,14 +27,21 @@ except ImportError:  # pragma: no cover - exercised only without the runtime
     L = None
 
 
+class GrammarDeadEnd(Exception):
+    """No token can continue a grammar-constrained answer; the request ends with an error."""
+
+
 class Sequence:
     """Per-request sampling and text state; used by the engine thread only (after creation)."""
 
-    def __init__(self, n_vocab: int, sampling: Sampling) -> None:
+    def __init__(self, n_vocab: int, sampling: Sampling, grammar: object = None) -> None:
         self.sampling = sampling
         self.ignore_eos = sampling.ignore_eos
-        self.fast_greedy = sampling.greedy and sampling.repeat_penalty == 1.0
-        self.sampler = None if self.fast_greedy else _sampler_chain(n_vocab, sampling)
+        self.grammar = grammar  # a llama_sampler this sequence owns, or None
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("strict")
+        plain_greedy = sampling.greedy and sampling.repeat_penalty == 1.0
+        self.fast_greedy = plain_greedy and grammar is None
+        self.sampler = None if plain_greedy else _sampler_chain(n_vocab, sampling)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = sampling.stop
         self.max_stop = max((len(s) for s in self.stops), default=0)
@@ -40,9 +56,60 @@ class Sequence:
             for token in tokens[-s.repeat_last_n:]:
                 L.llama_sampler_accept(self.sampler, token)
 
-    def sample(self, ctx: object, batch_index: int) -> int:
-        """Draw from the logits of the batch's ``batch_index``-th token (non-greedy path)."""
-        return L.llama_sampler_sample(self.sampler, ctx, batch_index)
+    def sample(self, ctx: object, batch_index: int, row: np.ndarray,
+               piece: Callable[[int], bytes]) -> int:
+        """Pick from the logits of the batch's ``batch_index``-th token, ``row`` (the path
+        for everything but plain greedy). ``piece`` gives a token's bytes."""
+        if self.grammar is None:
+            return L.llama_sampler_sample(self.sampler, ctx, batch_index)
+        token = self._pick(row, constrained=False)
+        if not (_allows(self.grammar, token) and self._keeps_utf8(piece(token))):
+            banned: list[int] = []
+            for _ in range(_MAX_REPICKS):
+                token = self._pick(row, constrained=True, banned=banned)
+                if self._keeps_utf8(piece(token)):
+                    break
+                banned.append(token)
+            if not _allows(self.grammar, token):  # accepting it would abort inside llama.cpp
+                raise GrammarDeadEnd("no token the grammar allows can follow the answer so far "
+                                     "(or none that keeps it valid UTF-8)")
+        L.llama_sampler_accept(self.grammar, token)
+        if self.sampler is not None:
+            L.llama_sampler_accept(self.sampler, token)
+        self._utf8.decode(piece(token))
+        return token
+
+    def _keeps_utf8(self, data: bytes) -> bool:
+        """Whether ``data`` continues the output as valid UTF-8. llama.cpp's grammar reads bytes
+        leniently (no check of continuation bytes), so a byte token could satisfy the grammar
+        yet decode to replacement characters that break a string's length or pattern."""
+        state = self._utf8.getstate()
+        try:
+            self._utf8.decode(data)
+            return True
+        except UnicodeDecodeError:
+            return False
+        finally:
+            self._utf8.setstate(state)
+
+    def _pick(self, row: np.ndarray, *, constrained: bool, banned: list[int] = ()) -> int:
+        if self.sampler is None and not constrained:
+            return int(row.argmax())
+        data = np.empty(len(row), _TOKEN_DATA)
+        data["id"] = np.arange(len(row), dtype=np.int32)
+        data["logit"] = row
+        data["p"] = 0.0
+        if banned:
+            data["logit"][banned] = -np.inf
+        array = L.llama_token_data_array(
+            data=data.ctypes.data_as(L.llama_token_data_p), size=len(row), selected=-1,
+            sorted=False)
+        if constrained:
+            L.llama_sampler_apply(self.grammar, ctypes.byref(array))
+        if self.sampler is None:
+            return int(data["logit"].argmax())
+        L.llama_sampler_apply(self.sampler, ctypes.byref(array))
+        return int(data["id"][array.selected])
 
     def push(self, piece: bytes) -> str:
         """Add a token's bytes; return the text now safe to emit (never part of a stop string)."""
@@ -72,6 +139,21 @@ class Sequence:
         if self.sampler is not None:
             L.llama_sampler_free(self.sampler)
             self.sampler = None
+        if self.grammar is not None:
+            L.llama_sampler_free(self.grammar)
+            self.grammar = None
+
+
+_MAX_REPICKS = 16  # tokens tried when the grammar's pick would break UTF-8
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+def _allows(grammar: object, token: int) -> bool:
+    """Whether the grammar accepts ``token`` next: one candidate, checked alone."""
+    one = L.llama_token_data(id=token, logit=1.0, p=0.0)
+    array = L.llama_token_data_array(data=ctypes.pointer(one), size=1, selected=-1, sorted=False)
+    L.llama_sampler_apply(grammar, ctypes.byref(array))
+    return one.logit != float("-inf")
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
