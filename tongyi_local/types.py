@@ -239,6 +239,12 @@ class Sampling:
     cached prompt prefix evaluates the prompt in other batch splits, which can change low-order
     bits of the logits (as with llama-server's cache_prompt). Validated on construction, so a bad
     value fails before any work is done.
+
+    ``deterministic=True`` (local backend) runs the request alone on an emptied KV cache, so
+    greedy text is the same whatever else the model serves; llama.cpp's quantized kernels are not
+    batch-invariant, so without it a greedy request decoded beside others, or after a reused
+    prefix, may take another path at a near-tie. It costs the batching and the prefix cache for
+    that request. Remote backends cannot promise it and ignore it.
     """
 
     max_tokens: int = 256
@@ -251,6 +257,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -274,6 +281,9 @@ class Sampling:
             problems.append(f"repeat_last_n must be an integer >= 0 (got {self.repeat_last_n!r})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop must be non-empty strings")
+        for flag in ("ignore_eos", "deterministic"):
+            if not isinstance(getattr(self, flag), bool):
+                problems.append(f"{flag} must be true or false (got {getattr(self, flag)!r})")
         if self.seed is not None and (not _integer(self.seed) or self.seed < 0):
             problems.append(f"seed must be an integer >= 0 (got {self.seed!r})")
         if problems:

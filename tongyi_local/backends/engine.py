@@ -185,11 +185,12 @@ class BatchEngine(SlotPolicy):
     def _admit(self) -> None:
         while self._waiting:
             idle = [s for s in self._slots if s.job is None]
-            if not idle:
-                return
+            if not idle or (self._active and (self._waiting[0].exclusive
+                                              or self._active[0].job.exclusive)):
+                return  # an exclusive request runs alone; FIFO order holds around it
             job = self._waiting.popleft()
             try:
-                slot = self._place(job, idle)
+                slot = self._isolate(idle) if job.exclusive else self._place(job, idle)
             except Exception as exc:  # noqa: BLE001 - that request fails, not the engine
                 log.exception("could not place a request; it ends with an error")
                 self._fail(job, BackendError(f"local generation failed: {exc}"))
@@ -198,6 +199,13 @@ class BatchEngine(SlotPolicy):
             self._active.append(slot)
             log.debug("slot %d: request admitted, %d of %d prompt tokens cached%s", slot.id,
                       job.cached, len(job.tokens), " (follows a shared prefix)" * bool(job.follow))
+
+    def _isolate(self, idle: list[Slot]) -> Slot:
+        """A slot for a reproducible request: the whole KV cache emptied (idle cells change the
+        attention kernels' shapes, and so their rounding), the prompt evaluated from scratch."""
+        for slot in self._slots:
+            self._truncate(slot, 0)
+        return idle[0]
 
     def _plan(self, prefill_budget: int) -> list[tuple[Slot, int, int]]:
         """Fill the batch: (slot, tokens added, batch index of its output or -1) per sequence.

@@ -41,6 +41,7 @@ class Job:
         self.cancelled = False
         self.done = False
         self.stream = True  # False: only the final chunk is sent (complete/chat drain it)
+        self.exclusive = sequence.sampling.deterministic  # runs alone on an empty cache
         self.cached = 0  # prompt tokens found in the KV cache
         self.follow: tuple | None = None  # (slot, job, n): wait for that job's first n tokens
         self.pending = -1  # sampled token to feed at the next step; -1 while in the prompt

@@ -132,7 +132,7 @@ class LlamaGenerator(BaseGenerator):
     ``close()`` ends running and queued requests with ``GeneratorClosedError``; every method
     used after it raises ``GeneratorClosedError`` (the model's memory is gone).
 
-    Tools and ``response_schema`` are decoded under a grammar (``schema.py``), so a required or
+    Tools and ``response_schema`` are decoded under a grammar (``schema/``), so a required or
     named tool call, and a structured answer, always parse and validate; in ``auto`` mode the
     grammar wakes up when the model writes ``<tool_call>`` (llama.cpp's lazy grammar).
     """

@@ -213,7 +213,7 @@ def _imatrix_param(params: object, path: Path) -> list[object]:
     try:
         reader = gguf.GGUFReader(path)
     except (OSError, ValueError) as exc:
-        raise InvalidRequestError(f"cannot read importance matrix {path}: {exc}") from None
+        raise InvalidRequestError(f"cannot read importance matrix {path}: {exc}") from exc
     tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
     entries, keep = [], []
     for name, sums in tensors.items():

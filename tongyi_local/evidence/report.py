@@ -205,7 +205,7 @@ def pareto_chart(ev: dict[str, Any], path: Path) -> Path | None:
         import matplotlib
     except ImportError:
         raise EvidenceError("the Pareto chart needs matplotlib: pip install "
-                            "'tongyi-local[evidence]'") from None
+                            "'tongyi-local[evidence]'")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -65,9 +65,9 @@ def load_evidence(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise EvidenceError(f"results file not found: {path}") from None
+        raise EvidenceError(f"results file not found: {path}")
     except (OSError, ValueError) as exc:
-        raise EvidenceError(f"cannot read results file {path}: {exc}") from None
+        raise EvidenceError(f"cannot read results file {path}: {exc}") from exc
     if not isinstance(data, dict) or data.get("version") != VERSION:
         raise EvidenceError(f"{path} is not a tongyi-local evidence file (version {VERSION}); "
                             "produce one with `tongyi-local bench --json` or benchmarks/evidence.py")

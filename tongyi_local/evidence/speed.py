@@ -173,7 +173,7 @@ def run_isolated(path: str | Path, *, threads: int | None = None, pin: bool = Tr
         run = subprocess.run([sys.executable, "-m", "tongyi_local.evidence.speed", json.dumps(spec)],
                              capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        raise EvidenceError(f"speed run of {Path(path).name} took over {timeout:.0f} s") from None
+        raise EvidenceError(f"speed run of {Path(path).name} took over {timeout:.0f} s")
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     if run.returncode != 0 or not lines:
         tail = "\n".join(run.stderr.splitlines()[-5:])

@@ -37,7 +37,7 @@ def _run(cmd: list[str], what: str, timeout: float | None = None,
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                              env=dict(os.environ, **env) if env else None)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise EvidenceError(f"{what} could not run: {exc}") from None
+        raise EvidenceError(f"{what} could not run: {exc}") from exc
     if run.returncode != 0:
         tail = "\n".join((run.stderr or run.stdout).splitlines()[-8:])
         raise EvidenceError(f"{what} failed (exit {run.returncode}):\n{tail}")
@@ -55,7 +55,7 @@ def llama_bench(binary: Path, model: Path, *, threads: int, pp: int = 512, tg: i
     try:
         rows = json.loads(stdout)
     except ValueError as exc:
-        raise EvidenceError(f"llama-bench on {model.name} printed no JSON: {exc}") from None
+        raise EvidenceError(f"llama-bench on {model.name} printed no JSON: {exc}") from exc
     out: dict[str, float | str] = {"build_commit": rows[0].get("build_commit", "unknown")}
     for row in rows:
         key = f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"
