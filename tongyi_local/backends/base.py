@@ -11,6 +11,7 @@ when it fails.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -22,6 +23,9 @@ from ..types import (Chunk, Completion, Message, PromptOrMessages, Request, Samp
 from .aio import AsyncMixin
 
 log = logging.getLogger("tongyi_local")
+content_log = logging.getLogger("tongyi_local.content")
+CONTENT_ENV = "TONGYI_LOCAL_LOG_CONTENT"
+_content_announced = False
 
 
 class BaseGenerator(AsyncMixin):
@@ -103,6 +107,8 @@ class BaseGenerator(AsyncMixin):
 
     def _open(self, request: Request) -> Iterator[Chunk]:
         chunks = self._generate(request)
+        if content_logging():
+            chunks = logged(chunks, request, self.name)
         return with_checked(chunks, request, self.name) if self._checks(request) else chunks
 
     def _complete(self, request: Request) -> Completion:
@@ -115,6 +121,30 @@ class BaseGenerator(AsyncMixin):
             if chunk.completion is not None:
                 return chunk.completion
         raise BackendError("the backend ended a stream without a final result")
+
+
+def content_logging() -> bool:
+    """Whether prompts and answers go to the ``tongyi_local.content`` logger: only when
+    ``TONGYI_LOCAL_LOG_CONTENT=1`` (for debugging), announced once with a warning."""
+    global _content_announced
+    if os.environ.get(CONTENT_ENV, "") not in ("1", "true", "yes"):
+        return False
+    if not _content_announced:
+        _content_announced = True
+        content_log.warning("%s is set: prompt and output text are logged on %s at DEBUG",
+                            CONTENT_ENV, content_log.name)
+    return True
+
+
+def logged(chunks: Iterator[Chunk], request: Request, model: str) -> Iterator[Chunk]:
+    """The stream, with its request and final answer logged (the opt-in above)."""
+    asked = request.prompt if request.messages is None else [
+        (m.role, m.content) for m in request.messages]
+    content_log.debug("%s request: %r", model, asked)
+    for chunk in chunks:
+        if chunk.completion is not None:
+            content_log.debug("%s answer: %r", model, chunk.completion.text)
+        yield chunk
 
 
 def needs_check(request: Request) -> bool:

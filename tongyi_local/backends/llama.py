@@ -28,7 +28,7 @@ from ..errors import (BackendError, BackendUnavailableError, ContextOverflowErro
 from ..gguf_header import GGUFHeader, read_header
 from ..hardware import ThreadPlan, apply_pinning, this_machine_plan
 from ..tool_calls import OPEN, AnswerShaper
-from ..types import Completion, Message, Request, Sampling
+from ..types import Chunk, Completion, Message, Request, Sampling
 from .base import BaseGenerator
 from .engine import BatchEngine
 from .jobs import Job, Stream
@@ -348,9 +348,10 @@ class LlamaGenerator(BaseGenerator):
                   if request.calls_tools or request.response_schema is not None else None)
         return Stream(job, self._engine.cancel, self._engine.alive, self, shaper)
 
-    def _drain(self, chunks: Stream) -> Completion:  # type: ignore[override]
-        """complete/chat: the text arrives whole with the final chunk, not token by token."""
-        return super()._drain(chunks.quiet())
+    def _drain(self, chunks: Iterator[Chunk]) -> Completion:
+        """complete/chat: the text arrives whole with the final chunk, not token by token
+        (unless the stream is wrapped, e.g. for content logging)."""
+        return super()._drain(chunks.quiet() if isinstance(chunks, Stream) else chunks)
 
     def slot_states(self) -> tuple[SlotState, ...]:
         """What each slot is doing and how much KV it holds (a snapshot, for reports/tests)."""

@@ -108,7 +108,7 @@ class SlotPolicy:
 
 def _common(held: list[int], tokens: list[int], limit: int) -> int:
     """Length of the common prefix of two token lists, at most ``limit``."""
-    n, end = 0, min(len(held), limit)
+    n, end = 0, min(len(held), len(tokens), limit)
     while n < end and held[n] == tokens[n]:
         n += 1
     return n
