@@ -34,6 +34,7 @@ class Request:
 @dataclass
 class Faults:
     drop_after: int | None = None      # next GET: send this many body bytes, then hang up
+    stall_after: int | None = None     # next GET: send this many body bytes, then wait (<= 20 s)
     fail_next: int = 0                 # the next N GETs answer 500
     corrupt: bool = False              # serve bytes that do not match the advertised ETag
 
@@ -60,6 +61,11 @@ class FakeHub:
         self.lifetime_s = lifetime_s
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        self._stalled = threading.Event()  # a stalled GET has sent its first bytes
+        self._release = threading.Event()  # ends every stall (set on exit)
+
+    def wait_stalled(self, timeout: float) -> bool:
+        return self._stalled.wait(timeout)
 
     def add(self, repo: str, path: str, data: bytes, *, revision: str = "main",
             commit: str | None = None) -> str:
@@ -96,6 +102,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._release.set()
         self._deadline.cancel()
         self._server.shutdown()
         self._server.server_close()
@@ -186,6 +193,15 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         payload = data[start:]
         headers["Content-Length"] = str(len(payload))
+        stall, faults.stall_after = faults.stall_after, None
+        if stall is not None:  # a client killed meanwhile: the write below fails, which is fine
+            self._reply(status, headers, send=False)
+            self.wfile.write(payload[:stall])
+            self.wfile.flush()
+            hub._stalled.set()
+            hub._release.wait(20)
+            self.close_connection = True
+            return
         if drop is not None:
             self._reply(status, headers, send=False)
             self.wfile.write(payload[:drop])
