@@ -317,6 +317,8 @@ def _openai_events(step: Step, body: dict[str, Any]) -> list[bytes]:
 
     if step.kind == "malformed_stream":
         return [b"data: {\"choices\": [\n\n"]
+    if step.kind == "wrong_shape":  # valid JSON, not the protocol's shape
+        return [b'data: {"choices": "not a list"}\n\n', b"data: [DONE]\n\n"]
     if step.kind == "stream_error":
         return [event({"content": "Hel"}, None),
                 b"data: " + json.dumps({"error": {"message": "model crashed", "code": 500}}).encode()

@@ -35,6 +35,7 @@ loop's default executor (a small bounded pool): no thread per request.
 from __future__ import annotations
 
 import json
+import os
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, closing, contextmanager
@@ -47,9 +48,10 @@ from ..errors import (AuthenticationError, BackendUnavailableError, ConfigError,
 from ..types import Chunk, Request, Sampling
 from .aio_native import NativeAsync, PerLoop
 from .base import BaseGenerator
-from .remote import (Secret, StreamClock, ToolCallAssembler, coerce_sampling, redact,
-                     resolve_key, retry_after, short, wire_messages, wire_tools)
 from ..chat_format import with_schema_instruction
+from .remote import (NotProtocol, Secret, StreamClock, ToolCallAssembler, as_count, as_list,
+                     as_mapping, coerce_sampling, redact, resolve_key, retry_after, short,
+                     wire_messages, wire_tools)
 from .retry import RetryPolicy, aretrying_stream, retrying_stream
 
 log = logging.getLogger("tongyi_local.dashscope")
@@ -241,7 +243,9 @@ class DashScopeGenerator(NativeAsync, BaseGenerator):
             yield
         except TongyiError:
             raise
-        except Exception as exc:  # noqa: BLE001 - everything the SDK raises is mapped here
+        except Exception as exc:
+            if not (isinstance(exc, _understood()) or _raised_in_sdk(exc)):
+                raise  # our own bug: not dressed up as advice about the server
             raise self._exception_error(exc, answer.request_id) from exc
 
     def _final(self, answer: _Answer) -> Chunk:
@@ -251,7 +255,8 @@ class DashScopeGenerator(NativeAsync, BaseGenerator):
                 f"{self.name}: the stream ended before DashScope said it was finished; "
                 "the connection may have been cut, try again", backend=self.name,
                 request_id=answer.request_id)
-        completion = answer.completion(self.name)
+        with self._errors_mapped(answer):  # usage of the wrong shape is a protocol error
+            completion = answer.completion(self.name)
         return Chunk("", finish_reason=completion.finish_reason, completion=completion)
 
     def _status_error(self, rsp: Any) -> RemoteError:
@@ -308,7 +313,9 @@ class DashScopeGenerator(NativeAsync, BaseGenerator):
             return RemoteConnectionError(
                 f"{self.name}: cannot reach DashScope at {where} ({kind}); check the network, "
                 "proxy settings and base_url", **common)
-        if isinstance(e, (ValueError, TypeError, KeyError, AttributeError, json.JSONDecodeError)):
+        if isinstance(e, (NotProtocol, json.JSONDecodeError, UnicodeDecodeError)) or (
+                isinstance(e, (TypeError, KeyError, AttributeError, ValueError))
+                and _raised_in_sdk(e)):
             return ResponseFormatError(
                 f"{self.name}: the answer from {where} is not DashScope's format ({kind}); check "
                 "that base_url points at a DashScope API", **common)
@@ -335,8 +342,8 @@ class _Answer:
         self.request_id = getattr(rsp, "request_id", None) or self.request_id
         if rsp.status_code != 200:
             raise self.rejected(rsp)
-        text, deltas, fin = _parse_output(rsp.output or {})
-        self.usage = rsp.usage or self.usage
+        text, deltas, fin = _parse_output(as_mapping(rsp.output, "output"))
+        self.usage = as_mapping(rsp.usage, "usage") or self.usage
         if self.tools.add(deltas):
             self.clock.piece()
         if fin not in (None, "", "null"):
@@ -347,12 +354,33 @@ class _Answer:
         return text
 
     def completion(self, model: str) -> Any:
-        details = self.usage.get("prompt_tokens_details") or {}
+        details = as_mapping(self.usage.get("prompt_tokens_details"), "prompt_tokens_details")
         return self.clock.completion(
             text="".join(self.parts), raw_finish=self.raw_finish, tool_calls=self.tools.calls(),
-            prompt_tokens=self.usage.get("input_tokens"),
-            completion_tokens=self.usage.get("output_tokens"),
-            cached_tokens=int(details.get("cached_tokens") or 0), model=model)
+            prompt_tokens=as_count(self.usage.get("input_tokens"), "input_tokens"),
+            completion_tokens=as_count(self.usage.get("output_tokens"), "output_tokens"),
+            cached_tokens=as_count(details.get("cached_tokens"), "cached_tokens") or 0,
+            model=model)
+
+
+def _raised_in_sdk(exc: BaseException) -> bool:
+    """Whether the SDK's own code raised ``exc`` (e.g. its TypeError on an answer without
+    ``output``): the SDK failing on the server's answer, which the edge maps."""
+    tb, last = exc.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and f"{os.sep}dashscope{os.sep}" in last.tb_frame.f_code.co_filename
+
+
+def _understood() -> tuple[type[BaseException], ...]:
+    """What the edge maps: the SDK's own errors, its transports' (requests, aiohttp), and an
+    answer that is not the protocol. Anything else is a bug and propagates as it is."""
+    import aiohttp
+    import requests
+    from dashscope.common.error import DashScopeException
+
+    return (DashScopeException, requests.exceptions.RequestException, aiohttp.ClientError,
+            TimeoutError, NotProtocol, json.JSONDecodeError, UnicodeDecodeError)
 
 
 def _transport_errors() -> dict[str, tuple[type[BaseException], ...]]:
@@ -382,12 +410,12 @@ def _aio_session() -> Any:
 
 def _parse_output(output: Mapping[str, Any]) -> tuple[str, list[Any], object]:
     """(text delta, tool-call deltas, finish reason) from one DashScope stream event."""
-    choices = output.get("choices") or []
+    choices = as_list(output.get("choices"), "choices")
     if choices:
-        choice = choices[0] or {}
-        message = choice.get("message") or {}
+        choice = as_mapping(choices[0], "a choice")
+        message = as_mapping(choice.get("message"), "a choice's message")
         content = message.get("content")
         return (content if isinstance(content, str) else "",
-                list(message.get("tool_calls") or []), choice.get("finish_reason"))
+                as_list(message.get("tool_calls"), "tool_calls"), choice.get("finish_reason"))
     text = output.get("text")
     return text if isinstance(text, str) else "", [], output.get("finish_reason")

@@ -48,8 +48,9 @@ from ..errors import (AuthenticationError, ConfigError, InvalidRequestError, Rat
 from ..types import Chunk, Request, Sampling
 from .aio_native import NativeAsync, PerLoop
 from .base import BaseGenerator
-from .remote import (Secret, StreamClock, ToolCallAssembler, coerce_sampling, redact,
-                     resolve_key, retry_after, short, wire_messages, wire_tools)
+from .remote import (NotProtocol, Secret, StreamClock, ToolCallAssembler, as_count, as_list,
+                     as_mapping, coerce_sampling, redact, resolve_key, retry_after, short,
+                     wire_messages, wire_tools)
 from .retry import RetryPolicy, aretrying_stream, retrying_stream
 
 log = logging.getLogger("tongyi_local.openai")
@@ -224,7 +225,8 @@ class OpenAIGenerator(NativeAsync, BaseGenerator):
             raise RemoteConnectionError(
                 f"{self.name}: the stream from {self.base_url} ended before the answer was "
                 "finished; try again", backend=self.name)
-        completion = state.completion(self.name)
+        with self._errors_mapped():  # usage figures of the wrong shape are a protocol error
+            completion = state.completion(self.name)
         return Chunk("", finish_reason=completion.finish_reason, completion=completion)
 
     def _mapped(self, e: Exception) -> RemoteError:
@@ -336,16 +338,17 @@ class _StreamState:
         text = self.take(json.loads(raw), whole=True)
         return Chunk(text) if text else None
 
-    def take(self, event: Mapping[str, Any], whole: bool = False) -> str:
+    def take(self, event: Any, whole: bool = False) -> str:
         """Absorb one event (or a whole non-streamed answer); return its new text."""
+        event = as_mapping(event, "an event")
         if event.get("usage"):
-            self.usage = event["usage"]
+            self.usage = as_mapping(event["usage"], "usage")
         if isinstance(event.get("timings"), Mapping):
             self.timings = event["timings"]
-        choices = event.get("choices") or []
+        choices = as_list(event.get("choices"), "choices")
         if not choices:
             return ""
-        choice = choices[0]
+        choice = as_mapping(choices[0], "a choice")
         if choice.get("finish_reason"):
             self.raw_finish = choice["finish_reason"]
         part = choice.get("message" if whole else "delta")
@@ -362,13 +365,13 @@ class _StreamState:
         return text
 
     def completion(self, model: str):
-        details = self.usage.get("prompt_tokens_details") or {}
+        details = as_mapping(self.usage.get("prompt_tokens_details"), "prompt_tokens_details")
         return self.clock.completion(
             text="".join(self.parts), raw_finish=self.raw_finish, tool_calls=self.tools.calls(),
-            prompt_tokens=self.usage.get("prompt_tokens"),
-            completion_tokens=self.usage.get("completion_tokens"),
-            cached_tokens=int(details.get("cached_tokens") or 0), model=model,
-            server_timings=self.timings)
+            prompt_tokens=as_count(self.usage.get("prompt_tokens"), "prompt_tokens"),
+            completion_tokens=as_count(self.usage.get("completion_tokens"), "completion_tokens"),
+            cached_tokens=as_count(details.get("cached_tokens"), "cached_tokens") or 0,
+            model=model, server_timings=self.timings)
 
 
 def _sse_data(line: str) -> str | None:
@@ -379,7 +382,7 @@ def _sse_data(line: str) -> str | None:
 
 
 # What ``_mapped`` understands: transport errors, and a body that is not the protocol.
-_UNDERSTOOD = (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError, IndexError)
+_UNDERSTOOD = (httpx.HTTPError, json.JSONDecodeError, UnicodeDecodeError, NotProtocol)
 _ERROR_BODY_LIMIT = 65536  # error bodies are small; never read more than this of one
 
 

@@ -19,6 +19,38 @@ from ..types import (Completion, FinishReason, Message, Request, Sampling, Timin
                      Usage)
 
 
+class NotProtocol(ValueError):
+    """A server's answer broke the protocol's shape (raised by our parsers, mapped to
+    ``ResponseFormatError`` at the edge). Anything else our parsers raise is our bug, and is
+    left to propagate instead of being dressed up as advice about ``base_url``."""
+
+
+def as_mapping(value: Any, what: str) -> Mapping[str, Any]:
+    """``value`` if it is a JSON object (an absent one is empty), else ``NotProtocol``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise NotProtocol(f"{what} is not a JSON object")
+    return value
+
+
+def as_list(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise NotProtocol(f"{what} is not a JSON array")
+    return value
+
+
+def as_count(value: Any, what: str) -> int | None:
+    """A token count: a non-negative integer, or absent."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise NotProtocol(f"{what} is not a token count")
+    return value
+
+
 def wire_messages(messages: Iterable[Message]) -> list[dict[str, Any]]:
     """Messages as OpenAI-style dicts (DashScope accepts the same shape)."""
     out = []
@@ -42,14 +74,13 @@ class ToolCallAssembler:
     def __init__(self) -> None:
         self._calls: dict[int, dict[str, str]] = {}
 
-    def add(self, deltas: Iterable[Mapping[str, Any]] | None) -> bool:
+    def add(self, deltas: Any) -> bool:
         added = False
-        for position, delta in enumerate(deltas or ()):
-            if not isinstance(delta, Mapping):
-                continue
+        for position, delta in enumerate(as_list(deltas, "tool_calls")):
+            delta = as_mapping(delta, "a tool call delta")
             index = delta.get("index", position)
             call = self._calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
-            function = delta.get("function") or {}
+            function = as_mapping(delta.get("function"), "a tool call's function")
             if delta.get("id") and not call["id"]:
                 call["id"] = str(delta["id"])
             if function.get("name") and not call["name"]:
