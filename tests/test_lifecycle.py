@@ -76,3 +76,43 @@ def test_text_the_tokenizer_cannot_take_is_an_invalid_request(tiny_qwen2, prompt
 def test_booleans_are_not_numbers(options):
     with pytest.raises(InvalidRequestError, match=next(iter(options))):
         tongyi_local.Sampling(**options)
+
+
+def test_ctrl_c_during_generation_leaves_the_model_usable(tiny_qwen2):
+    done = _child(f"""
+        import os, signal, threading
+        import tongyi_local
+        model = tongyi_local.load({str(tiny_qwen2)!r}, n_ctx=8192)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            for _ in model.stream("hello", max_tokens=100000, ignore_eos=True, temperature=0):
+                pass
+            print("not interrupted")
+        except KeyboardInterrupt:
+            pass
+        import gc, time
+        gc.collect()
+        deadline = time.time() + 10
+        while time.time() < deadline and any(s.busy for s in model.slot_states()):
+            time.sleep(0.05)
+        assert not any(s.busy for s in model.slot_states())
+        print(model.complete("hello", max_tokens=3, temperature=0).usage.completion_tokens)
+        model.close()
+    """)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "3"
+
+
+def test_an_unclosed_model_dropped_by_its_owner_is_freed(tiny_qwen2):
+    import gc
+    import threading
+
+    def use_and_drop():
+        model = tongyi_local.load(tiny_qwen2, n_ctx=256, name="dropped-model")
+        model.complete("hello", max_tokens=2, temperature=0)
+        return [t for t in threading.enumerate() if t.name.endswith("dropped-model")]
+
+    (engine,) = use_and_drop()  # the model's engine thread, while the model was in use
+    gc.collect()
+    engine.join(timeout=10)
+    assert not engine.is_alive()  # the finalizer closed the model: context and weights freed
