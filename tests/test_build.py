@@ -76,3 +76,28 @@ def test_installed_runtime_matches_the_recorded_preset():
     if preset.cache_variables.get("GGML_NATIVE") == "OFF":
         assert features.get("AVX512", False) == expected_avx512
         assert features.get("AVX2") is True
+
+
+def test_an_interrupted_build_step_takes_its_whole_process_tree_with_it(tmp_path):
+    """Compilers left running after Ctrl-C (or a timeout) would keep writing into the build
+    directory beside the next build; the build step runs in its own process group."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = f"sleep {4242 + os.getpid() % 1000}"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "from tongyi_local.build import _run\n"
+        f"_run(['bash', '-c', '{marker} & {marker} & wait'], 'a long build step')\n")],
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and subprocess.run(["pgrep", "-f", marker],
+                                                    capture_output=True).returncode != 0:
+        time.sleep(0.1)
+    child.send_signal(signal.SIGINT)
+    child.wait(timeout=30)
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "build processes outlived the interrupted step"

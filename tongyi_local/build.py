@@ -11,14 +11,18 @@ Runs before llama_cpp exists, so it imports nothing from the runtime.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,16 +129,45 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None,
     print(f"[tongyi-local build] {what}", file=sys.stderr, flush=True)
     out = open(log, "w") if log else None
     try:
-        result = subprocess.run(cmd, env=env, stdout=out or None,
-                                stderr=subprocess.STDOUT if out else None)
+        # Its own process group: if we are interrupted (Ctrl-C, a timeout), the whole build
+        # tree goes with us instead of compilers left running into the build directory.
+        proc = subprocess.Popen(cmd, env=env, stdout=out or None,
+                                stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        try:
+            proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            raise
     finally:
         if out:
             out.close()
-    if result.returncode != 0:
+    if proc.returncode != 0:
         tail = ""
         if log and log.exists():
             tail = "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise BuildError(f"{what} failed (exit {result.returncode}){tail}")
+        raise BuildError(f"{what} failed (exit {proc.returncode}){tail}")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """One builder per build directory across processes; the others wait, then reuse it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _pip(*args: str) -> list[str]:
@@ -225,6 +258,13 @@ def build_tools(preset: Preset, tools: tuple[str, ...] = DEFAULT_TOOLS) -> dict[
     paths = {t: build_dir / "bin" / t for t in tools}
     if all(p.exists() for p in paths.values()):
         return paths
+    with _build_lock(build_dir.with_name(f".{preset.key}.lock")):
+        if not all(p.exists() for p in paths.values()):  # another process may have built them
+            _build_tools(preset, build_dir, tools)
+    return paths
+
+
+def _build_tools(preset: Preset, build_dir: Path, tools: tuple[str, ...]) -> None:
     src = vendored_source()
     cache = build_dir / "CMakeCache.txt"
     if cache.exists() and f"CMAKE_HOME_DIRECTORY:INTERNAL={src}\n" not in cache.read_text():
@@ -238,7 +278,6 @@ def build_tools(preset: Preset, tools: tuple[str, ...] = DEFAULT_TOOLS) -> dict[
           "-j", str(os.cpu_count() or 2), "--target", *tools],
          f"building {', '.join(tools)} ({preset.name})",
          log=cache_dir() / f"tools-{preset.key}-build.log")
-    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
