@@ -92,12 +92,15 @@ def test_an_interrupted_build_step_takes_its_whole_process_tree_with_it(tmp_path
         "from tongyi_local.build import _run\n"
         f"_run(['bash', '-c', '{marker} & {marker} & wait'], 'a long build step')\n")],
         stderr=subprocess.PIPE, text=True)
+    def sleeping() -> str:  # the build's own processes (not this test's command line)
+        return subprocess.run(["pgrep", "-f", f"^{marker}"], capture_output=True,
+                              text=True).stdout.strip()
+
     deadline = time.time() + 30
-    while time.time() < deadline and subprocess.run(["pgrep", "-f", marker],
-                                                    capture_output=True).returncode != 0:
+    while time.time() < deadline and len(sleeping().split()) < 2:
         time.sleep(0.1)
+    assert len(sleeping().split()) == 2
     child.send_signal(signal.SIGINT)
     child.wait(timeout=30)
     time.sleep(0.5)
-    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
-    assert left.stdout.strip() == "", "build processes outlived the interrupted step"
+    assert sleeping() == "", "build processes outlived the interrupted step"
