@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .errors import OutputParseError
-from .types import Chunk, Completion, Request, Tool, ToolCall
+from .types import Chunk, Completion, Request, Tool, ToolCall, parse_arguments
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)(?:" + re.escape(CLOSE) + r"|\Z)", re.DOTALL)
@@ -61,11 +61,7 @@ def _call(body: str, index: int, tools: dict[str, Tool]) -> ToolCall:
                                f"{known})")
     arguments = value.get("arguments", value.get("parameters", {}))
     if isinstance(arguments, str):  # some models encode the object as a JSON string
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except ValueError as exc:
-            raise OutputParseError(f"{where} ({name}): its arguments string is not JSON "
-                                   f"({exc.msg})") from exc
+        arguments = parse_arguments(arguments, name)
     if not isinstance(arguments, dict):
         raise OutputParseError(f"{where} ({name}): arguments must be a JSON object, got "
                                f"{type(arguments).__name__}")
