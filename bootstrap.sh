@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: ./bootstrap.sh run | test | bench [args...]
 #   run   - set everything up, then stream a real chat answer from the packaged chat model
-#   test  - set everything up, then run the whole test suite
+#   test  - set everything up (plus llama.cpp's own tools), then run the whole test suite
 #   bench - set everything up (plus llama.cpp's own tools), then run the core benchmark
 # Re-runs take seconds: the venv is reused and the llama.cpp build is cached per preset.
 # Preset: $TONGYI_LOCAL_PRESET (zen4 | avx2 | native | cuda), default: the one that fits this CPU.
@@ -20,7 +20,9 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.deps-*; touch "$stamp"
 fi
 tools=()
-[ "$job" = bench ] && tools=(--tools)
+# llama.cpp's own tools (llama-bench, llama-perplexity, ...) are built here, once, so no test
+# spends its time limit compiling them.
+case "$job" in bench|test) tools=(--tools) ;; esac
 .venv/bin/python -m tongyi_local.build "${tools[@]}"
 .venv/bin/tongyi-local models starter >/dev/null
 

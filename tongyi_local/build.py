@@ -32,7 +32,8 @@ from .paths import home_dir
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 PRESET_ENV = "TONGYI_LOCAL_PRESET"
 BUILD_RECORD = "tongyi_local_build.json"  # written into the venv (sys.prefix)
-DEFAULT_TOOLS = ("llama-bench", "llama-batched-bench")
+# llama.cpp's own tools the benchmarks and the evidence pipeline run, built in one go.
+DEFAULT_TOOLS = ("llama-bench", "llama-batched-bench", "llama-perplexity", "llama-imatrix")
 
 _ZEN4_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi",
                "avx2", "fma", "f16c"}

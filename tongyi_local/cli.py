@@ -217,7 +217,7 @@ def doctor(
 @app.command("build")
 def build_cmd(
     preset: Annotated[Optional[str], typer.Option(help="CMake preset (zen4, avx2, native, cuda); default: $TONGYI_LOCAL_PRESET or the host's fit.")] = None,
-    tools: Annotated[bool, typer.Option("--tools", help="Also build llama-bench and llama-batched-bench.")] = False,
+    tools: Annotated[bool, typer.Option("--tools", help="Also build llama.cpp's tools (llama-bench, llama-batched-bench, llama-perplexity, llama-imatrix).")] = False,
 ) -> None:
     """Build llama-cpp-python (and llama.cpp's tools) from a CMake preset; cached per preset."""
     from . import build
