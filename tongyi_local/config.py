@@ -4,11 +4,14 @@ Precedence (highest first): a file passed as an argument > ``$TONGYI_LOCAL_CONFI
 file (``$TONGYI_LOCAL_HOME/models.toml`` when that is set, else
 ``~/.config/tongyi_local/models.toml``) > the packaged ``tongyi_local/models.toml``. Layers are
 merged by entry: a model, role or profile defined in a higher layer replaces the lower one whole.
-Every mistake is one ``ConfigError`` naming the file, the key and what is allowed.
+Every mistake is one ``ConfigError`` naming the file, the key and what is allowed, raised when
+the file is loaded: a value of the wrong type, a model name or hub file name that could leave the
+model directory, or a control character in a path never reaches the code that uses it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -33,6 +36,13 @@ KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", 
 PRIVACY = ("any", "local-only")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SAMPLING_KEYS = tuple(f.name for f in fields(Sampling))
+# A model name may become part of a file name (store, caches): no separators, no "..".
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TEXT_KEYS = ("path", "repo", "file", "revision", "model_id", "base_url", "api_key_env")
+_COUNTS = {"context_length": (16, 1 << 24), "batch_size": (16, 1 << 20)}
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -122,8 +132,9 @@ def config_files(path: str | os.PathLike[str] | None = None) -> list[Path]:
     for explicit, what in ((os.environ.get(CONFIG_ENV), f"${CONFIG_ENV}"), (path, "argument")):
         if explicit:
             p = Path(explicit).expanduser()
-            if not p.is_file():
-                raise ConfigError(f"config file {p} (from {what}) does not exist")
+            if not p.is_file():  # False, not an error, for a NUL byte or a name too long
+                shown = str(p) if str(p).isprintable() else repr(str(p))
+                raise ConfigError(f"config file {shown} (from {what}) does not exist")
             files.append(p)
     return files
 
@@ -132,47 +143,74 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     models: dict[str, ModelSpec] = {}
     roles: dict[str, RoleSpec] = {}
     profiles: dict[str, dict[str, str]] = {}
+    profile_files: dict[str, str] = {}
     files = config_files(path)
     for file in files:
         m, r, p = _parse_file(file)
         models.update(m)
         roles.update(r)
         profiles.update(p)
+        profile_files.update(dict.fromkeys(p, str(file)))
+    defined = ", ".join(sorted(models))
     for role in roles.values():
         for key, target in (("model", role.model), ("fallback", role.fallback)):
             if target is not None and target not in models:
-                raise ConfigError(f"{role.defined_in}: roles.{role.name}.{key} names model "
-                                  f"{target!r}, which no file defines; defined: "
-                                  f"{', '.join(sorted(models))}")
+                raise ConfigError(f"{role.defined_in}: {_key_path('roles', role.name, key)} names "
+                                  f"model {target!r}, which no file defines; defined: {defined}")
     for name, mapping in profiles.items():
         for role, model in mapping.items():
             if model not in models:
-                raise ConfigError(f"profiles.{name}.{role} names undefined model {model!r}; "
-                                  f"defined: {', '.join(sorted(models))}")
+                raise ConfigError(f"{profile_files[name]}: {_key_path('profiles', name, role)} "
+                                  f"names undefined model {model!r}; defined: {defined}")
     return Config(models=models, roles=roles, profiles=profiles,
                   files=tuple(str(f) for f in files))
+
+
+def _key_path(*parts: str) -> str:
+    """A dotted key as TOML writes it: names that are not bare keys are quoted, with every
+    unprintable character escaped, so a message shows exactly which entry is meant and never
+    sends a control sequence to the terminal."""
+    return ".".join(p if _BARE_KEY.fullmatch(p) else _quoted(p) for p in parts)
+
+
+def _quoted(text: str) -> str:
+    def escape(c: str) -> str:
+        if c in '"\\':
+            return "\\" + c
+        if c.isprintable():
+            return c
+        return f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+
+    return '"' + "".join(map(escape, text)) + '"'
+
+
+def _shown(value: Any) -> str:
+    """A value for a message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _parse_file(file: Path) -> tuple[dict, dict, dict]:
     try:
         data = tomllib.loads(file.read_text())
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {file}: {exc}") from None
+        raise ConfigError(f"cannot read config file {file}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: not valid TOML ({exc})") from None
+        raise ConfigError(f"{file}: not valid TOML ({exc})") from exc
     _only(file, "", data, ("models", "roles", "profiles"))
     models = {name: _model(file, name, entry) for name, entry in _tables(file, "models", data)}
     roles = {}
     for name, entry in _tables(file, "roles", data):
         if name not in ROLES:
-            raise ConfigError(f"{file}: roles.{name} is not a known role; allowed: {', '.join(ROLES)}")
+            raise ConfigError(f"{file}: {_key_path('roles', name)} is not a known role; allowed: "
+                              f"{', '.join(ROLES)}")
         roles[name] = _role(file, name, entry)
     profiles = {}
     for name, entry in _tables(file, "profiles", data):
         for role, model in entry.items():
             if role not in ROLES or not isinstance(model, str):
-                raise ConfigError(f"{file}: profiles.{name}.{role} must map a known role "
-                                  f"({', '.join(ROLES)}) to a model name")
+                raise ConfigError(f"{file}: {_key_path('profiles', name, role)} must map a known "
+                                  f"role ({', '.join(ROLES)}) to a model name")
         profiles[name] = dict(entry)
     return models, roles, profiles
 
@@ -183,27 +221,71 @@ def _tables(file: Path, section: str, data: dict) -> list[tuple[str, dict]]:
         raise ConfigError(f"{file}: {section} must be a table of tables")
     for name, entry in tables.items():
         if not isinstance(entry, dict):
-            raise ConfigError(f"{file}: {section}.{name} must be a table")
+            raise ConfigError(f"{file}: {_key_path(section, name)} must be a table")
     return list(tables.items())
 
 
 def _only(file: Path, where: str, entry: dict, allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(entry) - set(allowed))
     if unknown:
-        raise ConfigError(f"{file}: unknown key {where}{unknown[0]}; allowed: {', '.join(allowed)}")
+        raise ConfigError(f"{file}: unknown key {where}{_key_path(unknown[0])}; allowed: "
+                          f"{', '.join(allowed)}")
 
 
 def _choice(file: Path, key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{file}: {key} = {value!r} is not allowed; allowed: {', '.join(allowed)}")
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{file}: {key} = {_shown(value)} is not allowed; allowed: "
+                          f"{', '.join(allowed)}")
+
+
+def _text(file: Path, key: str, value: Any) -> str:
+    """A non-empty, printable string: a NUL byte in a path would otherwise surface far away as
+    "not in the store", and a newline or a bidi control would disguise what is shown."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{file}: {key} = {_shown(value)} must be a non-empty string")
+    if not value.isprintable():
+        raise ConfigError(f"{file}: {key} = {_shown(value)} contains a control character or "
+                          "another unprintable one (a NUL byte, a newline, ...); remove it")
+    return value
+
+
+def _integer(file: Path, key: str, value: Any, low: int, high: int, extra: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError(f"{file}: {key} = {_shown(value)}; allowed: {extra}an integer from "
+                          f"{low} to {high}")
+
+
+def _check_model_name(file: Path, name: str) -> None:
+    if not _MODEL_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"{file}: {_key_path('models', name)}: the model name {name!r} is not "
+                          "allowed; use 1 to 128 letters, digits, '.', '_', '-' or '+', starting "
+                          "with a letter or digit, without '..' (names can become file names)")
+
+
+def _check_hub(file: Path, where: str, entry: dict) -> None:
+    """repo, file and revision name a place inside the model directory (the store's own rule,
+    applied key by key so the message names the key at fault)."""
+    from .store import hub_file_path
+
+    repo, name, revision = entry["repo"], entry["file"], entry.get("revision", "main")
+    for key, args in (("repo", (repo, "model.gguf")), ("file", (repo, name)),
+                      ("revision", (repo, name, revision))):
+        try:
+            hub_file_path(*args)
+        except ConfigError as exc:
+            raise ConfigError(f"{file}: {where}{key}: {exc}") from exc
 
 
 def _model(file: Path, name: str, entry: dict) -> ModelSpec:
-    where = f"models.{name}."
+    where = _key_path("models", name) + "."
+    _check_model_name(file, name)
     allowed = tuple(f.name for f in fields(ModelSpec) if f.name not in ("name", "defined_in"))
     _only(file, where, entry, allowed)
     backend = entry.get("backend", "llama")
     _choice(file, where + "backend", backend, BACKENDS)
+    for key in _TEXT_KEYS:
+        if key in entry:
+            _text(file, where + key, entry[key])
     source = entry.get("source", "path" if backend == "llama" else "remote")
     if backend == "llama":
         _choice(file, where + "source", source, SOURCES)
@@ -211,51 +293,93 @@ def _model(file: Path, name: str, entry: dict) -> ModelSpec:
         for key in needs:
             if not entry.get(key):
                 raise ConfigError(f"{file}: {where}{key} is required when source = {source!r}")
-    elif backend in ("dashscope", "openai") and not entry.get("model_id"):
-        raise ConfigError(f"{file}: {where}model_id is required for backend {backend!r}")
-    if backend == "openai" and not entry.get("base_url"):
-        raise ConfigError(f"{file}: {where}base_url is required for backend 'openai'")
+        if source == "hub":
+            _check_hub(file, where, entry)
+    else:
+        _check_remote_fields(file, where, backend, entry)
     remote = entry.get("remote", backend in ("dashscope", "openai"))
     if not isinstance(remote, bool) or (backend == "llama" and remote) or (
             backend == "dashscope" and not remote):
-        raise ConfigError(f"{file}: {where}remote = {remote!r} is not allowed for backend "
+        raise ConfigError(f"{file}: {where}remote = {_shown(remote)} is not allowed for backend "
                           f"{backend!r}; allowed: true for dashscope, false for llama, either for "
                           "openai (false = a trusted server on this machine) and fake")
+    _check_load_settings(file, where, entry)
+    sampling = _sampling(file, where + "sampling", entry.get("sampling", {}))
+    values = {k: v for k, v in entry.items() if k != "sampling"}
+    if "replies" in values:
+        values["replies"] = _replies(file, where + "replies", values["replies"])
+    values["remote"] = remote
+    return ModelSpec(name=name, defined_in=str(file), source=source, sampling=sampling, **{
+        k: v for k, v in values.items() if k != "source"})
+
+
+def _check_remote_fields(file: Path, where: str, backend: str, entry: dict) -> None:
+    if backend in ("dashscope", "openai") and not entry.get("model_id"):
+        raise ConfigError(f"{file}: {where}model_id is required for backend {backend!r}")
+    if backend == "openai" and not entry.get("base_url"):
+        raise ConfigError(f"{file}: {where}base_url is required for backend 'openai'")
+    url = entry.get("base_url")
+    if url is not None and not re.match(r"https?://[^/\s]+", url):
+        raise ConfigError(f"{file}: {where}base_url = {_shown(url)}; allowed: an http:// or "
+                          "https:// URL such as http://localhost:8000/v1")
+    env = entry.get("api_key_env")
+    if env is not None and not _ENV_NAME.fullmatch(env):
+        raise ConfigError(f"{file}: {where}api_key_env = {_shown(env)}; allowed: the name of an "
+                          "environment variable (letters, digits, '_')")
+    timeout = entry.get("timeout_s", 60.0)
+    if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+            or not math.isfinite(timeout) or timeout <= 0):
+        raise ConfigError(f"{file}: {where}timeout_s = {_shown(timeout)}; allowed: a number of "
+                          "seconds > 0")
+
+
+def _check_load_settings(file: Path, where: str, entry: dict) -> None:
+    """Quantization, KV cache type, checksum, threads, sizes and flags of a local model."""
     if "quantization" in entry:
         _choice(file, where + "quantization", entry["quantization"], QUANTIZATIONS)
     if "kv_cache_type" in entry:
         _choice(file, where + "kv_cache_type", entry["kv_cache_type"], KV_CACHE_TYPES)
     sha = entry.get("sha256")
     if sha is not None and (not isinstance(sha, str) or not _SHA256.match(sha)):
-        raise ConfigError(f"{file}: {where}sha256 = {sha!r} is malformed; allowed: 64 lowercase "
-                          "hex digits")
+        raise ConfigError(f"{file}: {where}sha256 = {_shown(sha)} is malformed; allowed: 64 "
+                          "lowercase hex digits")
     for key in ("threads", "batch_threads"):
         value = entry.get(key, "auto")
-        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"{file}: {where}{key} = {value!r}; allowed: \"auto\" or an integer >= 1")
-    for key in ("context_length", "batch_size"):
-        if key not in entry:
-            continue
-        value = entry[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 16:
-            raise ConfigError(f"{file}: {where}{key} = {value!r}; allowed: an integer >= 16")
+        if value != "auto":
+            _integer(file, where + key, value, 1, MAX_THREADS, extra='"auto" or ')
+    for key, (low, high) in _COUNTS.items():
+        if key in entry:
+            _integer(file, where + key, entry[key], low, high)
     for key in ("mmap", "mlock"):
         if not isinstance(entry.get(key, False), bool):
             raise ConfigError(f"{file}: {where}{key} must be true or false")
-    sampling = _sampling(file, where + "sampling", entry.get("sampling", {}))
-    values = {k: v for k, v in entry.items() if k != "sampling"}
-    if "replies" in values:
-        values["replies"] = tuple(values["replies"])
-    values["remote"] = remote
-    return ModelSpec(name=name, defined_in=str(file), source=source, sampling=sampling, **{
-        k: v for k, v in values.items() if k != "source"})
+
+
+def _replies(file: Path, key: str, replies: Any) -> tuple[Any, ...]:
+    """A fake model's script: a list of texts or tables, checked as the fake backend will."""
+    from .backends.fake import FakeReply
+
+    if not isinstance(replies, list):
+        raise ConfigError(f"{file}: {key} = {_shown(replies)}; allowed: a list of texts or "
+                          "tables")
+    for reply in replies:
+        if not isinstance(reply, (str, dict)):
+            raise ConfigError(f"{file}: {key} contains {_shown(reply)}; allowed: texts or tables")
+        try:
+            FakeReply.coerce(reply)
+        except ConfigError as exc:
+            raise ConfigError(f"{file}: {key}: {exc}") from exc
+    return tuple(replies)
 
 
 def _role(file: Path, name: str, entry: dict) -> RoleSpec:
-    where = f"roles.{name}."
+    where = _key_path("roles", name) + "."
     _only(file, where, entry, ("model", "system_prompt", "sampling", "fallback", "privacy"))
     if not isinstance(entry.get("model"), str):
         raise ConfigError(f"{file}: {where}model is required (the name of a [models.*] entry)")
+    for key in ("system_prompt", "fallback"):
+        if key in entry and not isinstance(entry[key], str):
+            raise ConfigError(f"{file}: {where}{key} = {_shown(entry[key])} must be a string")
     privacy = entry.get("privacy", "any")
     _choice(file, where + "privacy", privacy, PRIVACY)
     return RoleSpec(name=name, model=entry["model"], defined_in=str(file),
@@ -268,8 +392,13 @@ def _sampling(file: Path, where: str, values: Any) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"{file}: {where} must be a table")
     _only(file, where + ".", values, _SAMPLING_KEYS)
+    # types Sampling's own checks would trip over (tuple(5)) or not check at all
+    for key, types, allowed in (("stop", (str, list), "a string or a list of strings"),
+                                ("ignore_eos", (bool,), "true or false")):
+        if key in values and not isinstance(values[key], types):
+            raise ConfigError(f"{file}: {where}.{key} = {_shown(values[key])}; allowed: {allowed}")
     try:
         Sampling().merged(values)
     except TongyiError as exc:
-        raise ConfigError(f"{file}: {where}: {exc}") from None
+        raise ConfigError(f"{file}: {where}: {exc}") from exc
     return dict(values)
