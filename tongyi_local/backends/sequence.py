@@ -39,6 +39,7 @@ class Sequence:
         self.ignore_eos = sampling.ignore_eos
         self.grammar = grammar  # a llama_sampler this sequence owns, or None
         self._utf8 = codecs.getincrementaldecoder("utf-8")("strict")
+        self._row_ids = np.arange(n_vocab, dtype=np.int32)
         plain_greedy = sampling.greedy and sampling.repeat_penalty == 1.0
         self.fast_greedy = plain_greedy and grammar is None
         self.sampler = None if plain_greedy else _sampler_chain(n_vocab, sampling)
@@ -95,19 +96,46 @@ class Sequence:
     def _pick(self, row: np.ndarray, *, constrained: bool, banned: list[int] = ()) -> int:
         if self.sampler is None and not constrained:
             return int(row.argmax())
-        data = np.empty(len(row), _TOKEN_DATA)
-        data["id"] = np.arange(len(row), dtype=np.int32)
-        data["logit"] = row
+        if constrained and self._shortlist_exact():
+            need = 1 if self.sampler is None else self.sampling.top_k
+            for size in _SHORTLISTS:
+                if size < len(row) and size >= 2 * need:
+                    token = self._pick_from(row, np.argpartition(row, -size)[-size:], banned,
+                                            need=need)
+                    if token is not None:
+                        return token
+        picked = self._pick_from(row, None, banned, need=0, constrained=constrained)
+        assert picked is not None
+        return picked
+
+    def _shortlist_exact(self) -> bool:
+        """Whether the grammar may be applied to the highest logits only: exact when the pick
+        depends on the best allowed tokens alone (greedy, or a top_k chain) and nothing can
+        raise a token from below the shortlist (no repetition penalty)."""
+        s = self.sampling
+        return s.repeat_penalty == 1.0 and (
+            self.sampler is None or s.top_k > 0)
+
+    def _pick_from(self, row: np.ndarray, ids: np.ndarray | None, banned: list[int], *,
+                   need: int, constrained: bool = True) -> int | None:
+        """Apply grammar (and chain) to ``row`` restricted to ``ids`` (None: the vocabulary);
+        None when fewer than ``need`` tokens of the shortlist are allowed (go wider)."""
+        ids = self._row_ids if ids is None else ids.astype(np.int32)
+        data = np.empty(len(ids), _TOKEN_DATA)
+        data["id"] = ids
+        data["logit"] = row[ids]
         data["p"] = 0.0
         if banned:
-            data["logit"][banned] = -np.inf
+            data["logit"][np.isin(ids, banned)] = -np.inf
         array = L.llama_token_data_array(
-            data=data.ctypes.data_as(L.llama_token_data_p), size=len(row), selected=-1,
+            data=data.ctypes.data_as(L.llama_token_data_p), size=len(ids), selected=-1,
             sorted=False)
         if constrained:
             L.llama_sampler_apply(self.grammar, ctypes.byref(array))
+            if need and int(np.count_nonzero(data["logit"] != -np.inf)) < need:
+                return None
         if self.sampler is None:
-            return int(data["logit"].argmax())
+            return int(data["id"][data["logit"].argmax()])
         L.llama_sampler_apply(self.sampler, ctypes.byref(array))
         return int(data["id"][array.selected])
 
@@ -144,6 +172,7 @@ class Sequence:
             self.grammar = None
 
 
+_SHORTLISTS = (32, 512)  # highest logits the grammar checks first, before the whole vocabulary
 _MAX_REPICKS = 16  # tokens tried when the grammar's pick would break UTF-8
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
