@@ -89,6 +89,8 @@ def test_an_interrupted_build_step_takes_its_whole_process_tree_with_it(tmp_path
 
     marker = f"sleep {4242 + os.getpid() % 1000}"
     child = subprocess.Popen([sys.executable, "-c", (
+        # a runner started in the background may hand SIGINT down ignored: take it back
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from tongyi_local.build import _run\n"
         f"_run(['bash', '-c', '{marker} & {marker} & wait'], 'a long build step')\n")],
         stderr=subprocess.PIPE, text=True)
