@@ -28,7 +28,7 @@ case "$job" in bench|test) tools=(--tools) ;; esac
 
 case "$job" in
   run)
-    exec .venv/bin/tongyi-local generate --chat -n 96 "${@:-Which city is the capital of France?}" ;;
+    exec .venv/bin/tongyi-local generate --chat -n 96 -t 0 "${@:-Which city is the capital of France?}" ;;
   test)
     set +e
     .venv/bin/python -m pytest "$@"

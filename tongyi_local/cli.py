@@ -75,8 +75,13 @@ def _load(model: Path | None, threads: int | None, n_ctx: int, role: str | None 
         return Registry(config_path=config, profile=profile).for_role(role)
     from . import load, starter_chat_model_path
 
-    if model is None and chat:
-        model = starter_chat_model_path()
+    if model is None and chat:  # the packaged chat model, with its sampling from models.toml
+        from .config import load_config
+        from .types import Sampling
+
+        spec = load_config(config).models["starter-chat"]
+        return load(starter_chat_model_path(), threads=threads, n_ctx=n_ctx,
+                    sampling=Sampling().merged(spec.sampling), name=spec.name)
     return load(model, threads=threads, n_ctx=n_ctx)
 
 
