@@ -311,7 +311,7 @@ def models_info(name: Annotated[str, typer.Argument(help="Role, model name, or a
 @models_app.command("pull")
 def models_pull(name: Annotated[str, typer.Argument(help="Role or model name.")],
                 config: ConfigOpt = None, profile: ProfileOpt = None) -> None:
-    """Download a model from the hub (pinned revision, resumable, sha256-checked) into the store."""
+    """Download a model from the hub (pinned revision, sha256-checked) into the store."""
     from .registry import pull_model, resolve_model
 
     spec = resolve_model(_registry(config, profile).config, name, profile)
