@@ -97,6 +97,10 @@ def imatrix_tool():
 
 @pytest.fixture(scope="module")
 def corpus_path():
-    from tongyi_local.cli_evidence import _default_corpus
+    """The packaged corpus as a file (llama.cpp's tools read a path)."""
+    from importlib.resources import as_file
 
-    return _default_corpus()
+    from tongyi_local.evidence.quality import default_corpus
+
+    with as_file(default_corpus()) as path:
+        yield path
