@@ -275,6 +275,33 @@ def models_list(config: ConfigOpt = None, profile: ProfileOpt = None, as_json: J
     out.print(table)
 
 
+@models_app.command("config")
+def models_config(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """The models.toml layers found (highest precedence first) and the layer each model, role
+    and profile comes from."""
+    from dataclasses import asdict
+
+    from .config import load_config
+
+    cfg = load_config(config)
+    layers = cfg.layers[::-1]
+    if as_json:
+        out.print_json(json.dumps({"layers": [asdict(layer) | {"why": layer.why} for layer in layers],
+                                   "entries": [asdict(o) for o in cfg.origins]}, default=str))
+        return
+    table = Table(title="models.toml layers, highest precedence first", title_justify="left")
+    for column in ("layer", "file", "why"):
+        table.add_column(column, overflow="fold")
+    for layer in layers:
+        table.add_row(layer.kind, str(layer.path), layer.why)
+    out.print(table)
+    entries = Table("entry", "from layer", "replaces")
+    for o in cfg.origins:
+        entries.add_row(f"{o.section}.{o.name}", o.layer.kind,
+                        ", ".join(r.kind for r in o.replaced) or "-")
+    out.print(entries)
+
+
 @models_app.command("info")
 def models_info(name: Annotated[str, typer.Argument(help="Role, model name, or a GGUF path.")],
                 config: ConfigOpt = None, profile: ProfileOpt = None,
