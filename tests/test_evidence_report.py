@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+from tongyi_local.evidence.cost import break_even_tokens
+
 import pytest
 
 from tongyi_local.backends.llama_quality import quantize
@@ -64,7 +66,10 @@ def test_result_rows_per_model_and_decision(small_run):
     assert q4.decode_tps == max(r.decode_tps for r in ev.speed if r.model == "tiny-Q4_K_M")
     assert q4.kld_mean == ev.quality[1].kld_mean > 0 and q4.ppl == ev.quality[1].ppl
     assert q4.peak_rss_mib > 0 and q4.success_rate is not None
-    assert q4.break_even_tokens is not None  # costed at its own speed
+    # costed at its own speed (None only where energy per token outprices the API at that speed)
+    assert ev.cost is not None
+    assert q4.break_even_tokens == break_even_tokens(replace(ev.cost.inputs,
+                                                             tokens_per_s=q4.decode_tps))
     assert {r.role for r in result.decision} == {"researcher", "coder"}
     assert len(result.cost.table) == 7 and result.cost.break_even_tokens is not None
 
