@@ -206,7 +206,7 @@ def doctor(
         out.print_json(json.dumps(report))
     else:
         table = Table(show_header=False, box=None)
-        for key, value in report.items():
+        for key, value in {**report, "numa_nodes": topo.numa_summary}.items():
             shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
             table.add_row(f"[bold]{key}[/bold]", shown or "-")
         out.print(table)
@@ -214,7 +214,7 @@ def doctor(
             out.print(f"note: {note}")
     if missing:
         err.print(f"error: this CPU has {', '.join(missing)} but the llama.cpp build does not use "
-                  f"it; rebuild with: python -m tongyi_local.build --preset "
+                  f"it; rebuild with: tongyi-local build --preset "
                   f"{build.choose_preset(topo.flags)}")
         raise typer.Exit(1)
 

@@ -66,9 +66,10 @@ def _ensure_runtime() -> None:
     """Initialise llama.cpp once and route its logging into ``logging`` (not stderr)."""
     global _runtime_ready
     if L is None:
+        from ..build import BUILD_HINT
+
         raise BackendUnavailableError(
-            "llama-cpp-python is not installed in this environment; run ./bootstrap.sh run "
-            "or `python -m tongyi_local.build` to build it from the CMake preset")
+            f"llama-cpp-python is not installed in this environment; {BUILD_HINT}")
     with _runtime_lock:
         if not _runtime_ready:
             L.llama_log_set(_log_callback, ctypes.c_void_p(0))

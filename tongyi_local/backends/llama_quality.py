@@ -58,9 +58,10 @@ def _ensure_runtime() -> None:
     """
     global _ready, _fallback_callback
     if L is None:
+        from ..build import BUILD_HINT
+
         raise BackendUnavailableError(
-            "llama-cpp-python is not installed in this environment; run ./bootstrap.sh run "
-            "or `python -m tongyi_local.build` to build it from the CMake preset")
+            f"llama-cpp-python is not installed in this environment; {BUILD_HINT}")
     with _init_lock:
         if _ready:
             return
