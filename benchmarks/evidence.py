@@ -20,7 +20,7 @@ from pathlib import Path
 
 import tongyi_local
 from tongyi_local.backends import embeddings
-from tongyi_local.backends.llama_quality import quantize
+from tongyi_local.backends.quantize import quantize
 from tongyi_local.evidence import results, roofline as rl, speed, sweep
 from tongyi_local.evidence.quality import crosscheck, pick_reference, quality_ladder
 from tongyi_local.evidence.report import write_report

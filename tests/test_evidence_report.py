@@ -8,7 +8,7 @@ import json
 import pytest
 
 import tongyi_local
-from tongyi_local.backends.llama_quality import quantize
+from tongyi_local.backends.quantize import quantize
 from tongyi_local.evidence import results, roofline as rl, speed
 from tongyi_local.evidence.quality import quality_ladder
 from tongyi_local.evidence.report import _fmt, compare, write_report

@@ -181,7 +181,7 @@ def doctor(
 ) -> None:
     """Report CPU, memory, the llama.cpp build, and whether the build uses the CPU's SIMD features."""
     from . import build
-    from .backends.llama import system_info
+    from .backends.runtime import system_info
 
     topo = hardware.read_topology()
     plan = hardware.this_machine_plan()

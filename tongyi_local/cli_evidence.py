@@ -151,7 +151,7 @@ def quantize(
     threads: Annotated[Optional[int], typer.Option("--threads")] = None,
 ) -> None:
     """Quantize a GGUF in-process with llama.cpp's quantizer, with a progress bar."""
-    from .backends.llama_quality import quantize as run_quantize
+    from .backends.quantize import quantize as run_quantize
     from .evidence.tools import make_imatrix, tool_paths
     from .hardware import this_machine_plan
 
