@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tongyi_local
 from tongyi_local.backends import embeddings
-from tongyi_local.backends.llama_quality import quantize
+from tongyi_local.backends.quantize import quantize
 from tongyi_local.evidence.report import write_report
 from tongyi_local.evidence.results import SuiteResult, load, save
 from tongyi_local.evidence.suite import PRESETS, SuitePlan, conclude, ladder_of, run_suite

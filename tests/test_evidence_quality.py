@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tongyi_local.backends.llama_quality import quantize
+from tongyi_local.backends.quantize import quantize
 from tongyi_local.errors import EvidenceError
 from tongyi_local.evidence.quality import (KLD_ABS_TOLERANCE, KLD_REL_TOLERANCE, Reference,
                                            crosscheck, pick_reference, quality_ladder)

@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 import tongyi_local
-from tongyi_local.backends.llama_quality import QUANT_TYPES, is_quantized, quantize
+from tongyi_local.backends.quantize import QUANT_TYPES, is_quantized, quantize
 from tongyi_local.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
 from tongyi_local.gguf_header import read_header
 from tongyi_local.testing import write_tiny_model

@@ -47,18 +47,11 @@ KeyEnvOpt = Annotated[Optional[str], typer.Option("--api-key-env", help="Environ
 
 
 def _remote(backend: str, base_url: str | None, remote_model: str | None, key_env: str | None):
-    if backend == "dashscope":
-        from .backends.dashscope import DashScopeGenerator
+    if backend == "openai" and not (base_url and remote_model):
+        raise typer.BadParameter("--backend openai needs --base-url and --remote-model")
+    from .backends import remote_generator
 
-        return DashScopeGenerator(remote_model or "qwen-plus", base_url=base_url,
-                                  api_key_env=key_env)
-    if backend == "openai":
-        if not base_url or not remote_model:
-            raise typer.BadParameter("--backend openai needs --base-url and --remote-model")
-        from .backends.openai import OpenAIGenerator
-
-        return OpenAIGenerator(remote_model, base_url=base_url, api_key_env=key_env)
-    raise typer.BadParameter(f"unknown backend {backend!r}; use llama, dashscope or openai")
+    return remote_generator(backend, remote_model, base_url=base_url, api_key_env=key_env)
 
 
 def _load(model: Path | None, threads: int | None, n_ctx: int, role: str | None = None,
@@ -181,7 +174,7 @@ def doctor(
 ) -> None:
     """Report CPU, memory, the llama.cpp build, and whether the build uses the CPU's SIMD features."""
     from . import build
-    from .backends.llama import system_info
+    from .backends.runtime import system_info
 
     topo = hardware.read_topology()
     plan = hardware.this_machine_plan()

@@ -1,7 +1,7 @@
 """`tongyi-local bench | quantize | report | cost`: the evidence commands.
 
 Thin, as every command: parse, call ``tongyi_local.evidence`` (``run_suite`` for bench) /
-``backends.llama_quality``, print.
+``backends.quantize``, print.
 Library errors are ``TongyiError``s and reach cli.main's one handler. ``register(app)`` adds the
 commands to the main typer app.
 """
@@ -106,7 +106,7 @@ def quantize(
     threads: Annotated[Optional[int], typer.Option("--threads")] = None,
 ) -> None:
     """Quantize a GGUF in-process with llama.cpp's quantizer, with a progress bar."""
-    from .backends.llama_quality import quantize as run_quantize
+    from .backends.quantize import quantize as run_quantize
     from .evidence.tools import make_imatrix, tool_paths
     from .hardware import this_machine_plan
 

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from gguf.constants import LlamaFileType
 
 from .errors import ConfigError, TongyiError
+from .kv_types import KV_CACHE_TYPES
 from .paths import HOME_ENV
 from .types import Sampling
 
@@ -42,7 +43,6 @@ BACKENDS = ("llama", "dashscope", "openai", "fake")
 SOURCES = ("starter", "starter-chat", "hub", "path")
 QUANTIZATIONS = tuple(sorted({t.name.removeprefix("MOSTLY_") for t in LlamaFileType
                               if t.name != "GUESSED"}))
-KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
 PRIVACY = ("any", "local-only")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SAMPLING_KEYS = tuple(f.name for f in fields(Sampling))

@@ -16,7 +16,7 @@
     report.py       report.md + Pareto PNG + figures.json
 
 Why a package apart from the backends: everything here is plain Python over the public API and
-``backends/llama_quality.py``; nothing in the library imports it, so it costs nothing at runtime.
+``backends/quantize.py`` and ``backends/logits.py``; nothing in the library imports it, so it costs nothing at runtime.
 ``run_suite`` and its types are imported on first use, so ``evidence.cost`` alone stays light.
 """
 

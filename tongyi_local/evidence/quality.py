@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backends.llama_quality import LogitsEvaluator
+from ..backends.logits import LogitsEvaluator
 from ..errors import EvidenceError
 
 _ROWS = 32  # positions processed at once: bounds memory on 150k-262k vocabularies

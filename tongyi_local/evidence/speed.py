@@ -51,7 +51,7 @@ class Stamp:
 
 def stamp(threads: int | None = None, pin: bool = True) -> Stamp:
     from .. import build, hardware
-    from ..backends.llama_quality import build_commit
+    from ..backends.runtime import build_commit
 
     topo = hardware.read_topology()
     plan = hardware.this_machine_plan(threads=threads, pin=pin)
