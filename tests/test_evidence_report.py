@@ -6,26 +6,15 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from tongyi_local.evidence.cost import break_even_tokens
-
 import pytest
 
-<<<<<<< HEAD
 from tongyi_local.backends.quantize import quantize
 from tongyi_local.errors import EvidenceError
 from tongyi_local.evidence import Ladder, SuitePlan, conclude, run_suite
-from tongyi_local.evidence.cost import CostInputs
+from tongyi_local.evidence.cost import CostInputs, break_even_tokens
 from tongyi_local.evidence.report import _fmt, write_report
 from tongyi_local.evidence.results import CostPlan, from_json, load, merge, save
 from tongyi_local.evidence.regressions import compare
-=======
-import tongyi_local
-from tongyi_local.backends.quantize import quantize
-from tongyi_local.evidence import results, roofline as rl, speed
-from tongyi_local.evidence.quality import quality_ladder
-from tongyi_local.evidence.report import _fmt, compare, write_report
-from tongyi_local.evidence.tasks import TASKS, run_tasks
->>>>>>> owners
 from tongyi_local.testing import write_tiny_model
 
 SMALL_MIX = (("chat", 120, 8), ("rag", 400, 6), ("chat", 60, 4))

@@ -35,50 +35,6 @@ from ._sequence import Sequence
 from .runtime import L, captured, ensure_runtime
 
 log = logging.getLogger("tongyi_local.llama")
-<<<<<<< HEAD
-_runtime_lock = threading.Lock()
-_runtime_ready = False
-_recent_problems: collections.deque[str] = collections.deque(maxlen=12)
-# ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line.
-_LEVEL = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
-_last_level = [logging.DEBUG]
-
-
-def _on_llama_log(level: int, text: bytes, _user: object) -> None:
-    py_level = _last_level[0] if level == 5 else _LEVEL.get(level, logging.DEBUG)
-    _last_level[0] = py_level
-    line = text.decode("utf-8", errors="replace").rstrip()
-    if not line:
-        return
-    if py_level >= logging.WARNING:
-        _recent_problems.append(line)
-    log.log(py_level, "%s", line)
-
-
-_log_callback = L.llama_log_callback(_on_llama_log) if L else None
-
-
-def _ensure_runtime() -> None:
-    """Initialise llama.cpp once and route its logging into ``logging`` (not stderr)."""
-    global _runtime_ready
-    if L is None:
-        from ..build import BUILD_HINT
-
-        raise BackendUnavailableError(
-            f"llama-cpp-python is not installed in this environment; {BUILD_HINT}")
-    with _runtime_lock:
-        if not _runtime_ready:
-            L.llama_log_set(_log_callback, ctypes.c_void_p(0))
-            L.llama_backend_init()
-            _runtime_ready = True
-
-
-def system_info() -> str:
-    """llama.cpp's own report of the SIMD features this build uses."""
-    _ensure_runtime()
-    return L.llama_print_system_info().decode("utf-8", errors="replace")
-=======
->>>>>>> owners
 
 
 @dataclass(frozen=True)

@@ -83,9 +83,10 @@ def ensure_runtime() -> None:
     """Initialise llama.cpp once and route its logging into ``logging`` (not stderr)."""
     global _ready
     if L is None:
+        from ..build import BUILD_HINT
+
         raise BackendUnavailableError(
-            "llama-cpp-python is not installed in this environment; run ./bootstrap.sh run "
-            "or `python -m tongyi_local.build` to build it from the CMake preset")
+            f"llama-cpp-python is not installed in this environment; {BUILD_HINT}")
     with _init_lock:
         if not _ready:
             L.llama_log_set(_log_callback, ctypes.c_void_p(0))
