@@ -44,6 +44,10 @@ from .reader import _read
 # llama.cpp's grammar parser turns a repetition bound above this into "unbounded".
 _MAX_REPEAT = 2000
 
+# Nodes with no constraint of their own: each is one of the grammar's shared primitive rules.
+_UNCONSTRAINED: dict[type, str] = {_AnyValue: "value", _AnyObject: "object", _Null: "null",
+                                   _Boolean: "boolean"}
+
 
 class _TrieNode:
     def __init__(self) -> None:
@@ -142,14 +146,9 @@ class _GrammarWriter:
 
     @staticmethod
     def _primitive_for(node: _Node) -> str | None:
-        if isinstance(node, _AnyValue):
-            return "value"
-        if isinstance(node, _AnyObject):
-            return "object"
-        if isinstance(node, _Null):
-            return "null"
-        if isinstance(node, _Boolean):
-            return "boolean"
+        unconstrained = _UNCONSTRAINED.get(type(node))
+        if unconstrained:
+            return unconstrained
         if isinstance(node, _Integer) and node.low is None and node.high is None:
             return "integer"
         if isinstance(node, _Number) and node.low is None and node.high is None:
