@@ -36,6 +36,7 @@ _LAZY = {
     "ToolRun": "tongyi_local.tool_loop",
     "TextGeneratorAdapter": "tongyi_local.adapter",
     "create_provider": "tongyi_local.adapter",
+    "openai_transport": "tongyi_local.openai_api",
 }
 
 __all__ = sorted(
