@@ -129,7 +129,7 @@ class OpenAIApp:
             "/v1/chat/completions": {"POST": self._chat},
             "/v1/completions": {"POST": self._text},
             "/v1/models": {"GET": lambda _: self._models()},
-            "/health": {"GET": lambda _: Reply.json({"status": "ok"})},
+            "/health": {"GET": lambda _: self._health()},
         }
         if path.startswith("/v1/models/"):
             routes[path] = {"GET": lambda _: self._model(path.removeprefix("/v1/models/"))}
@@ -141,6 +141,12 @@ class OpenAIApp:
             raise wire.WireError(f"{path} takes {', '.join(routes[path])}, not {method}",
                                  status=405, code="method_not_allowed")
         return routes[path][method]
+
+    def _health(self) -> Reply:
+        """Liveness plus what is loaded and how many requests each model is serving."""
+        return Reply.json({"status": "ok", "models": [
+            {"name": m.name, "in_flight": m.in_flight, "memory_bytes": m.memory_bytes}
+            for m in self.registry.pool.ps()]})
 
     def _models(self) -> Reply:
         return Reply.json({"object": "list",

@@ -20,7 +20,8 @@ from ..types import Chunk, Completion, Message, ResponseSchema, Tool, ToolCall, 
 
 # Sampling fields a request may set, by their OpenAI names (llama-server's extensions included).
 _SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "seed": "seed",
-                    "top_k": "top_k", "min_p": "min_p", "repeat_penalty": "repeat_penalty"}
+                    "top_k": "top_k", "min_p": "min_p", "repeat_penalty": "repeat_penalty",
+                    "ignore_eos": "ignore_eos"}
 
 
 class WireError(InvalidRequestError):
