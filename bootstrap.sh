@@ -11,20 +11,31 @@ job="${1:-run}"; shift || true
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-stamp=".venv/.deps-$(cat pyproject.toml | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
+# One timing line per setup step on stderr, so a slow step is visible and the total is measured.
+started=$EPOCHREALTIME
+timed() {  # timed STEP COMMAND...: run it, then print how long it took
+  local step="$1" t0=$EPOCHREALTIME; shift
+  "$@"
+  awk -v s="$step" -v a="$t0" -v b="$EPOCHREALTIME" \
+    'BEGIN { printf "[bootstrap] %-22s %7.1f s\n", s, b - a }' >&2
+}
+make_venv() { [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv; }
+install_deps() {
+  local stamp=".venv/.deps-$(sha256sum < pyproject.toml | cut -c1-16)"
+  [ -f "$stamp" ] && return
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[starter,test]'
   rm -f .venv/.deps-*; touch "$stamp"
-fi
-tools=()
+}
+
+timed venv make_venv
+timed deps install_deps
+timed llama-cpp-python .venv/bin/python -m tongyi_local.build
 # llama.cpp's own tools (llama-bench, llama-perplexity, ...) are built here, once, so no test
 # spends its time limit compiling them.
-case "$job" in bench|test) tools=(--tools) ;; esac
-.venv/bin/python -m tongyi_local.build "${tools[@]}"
-.venv/bin/tongyi-local models starter >/dev/null
+case "$job" in bench|test) timed tools .venv/bin/python -m tongyi_local.build --tools ;; esac
+timed models .venv/bin/tongyi-local models starter >/dev/null
+awk -v a="$started" -v b="$EPOCHREALTIME" \
+  'BEGIN { printf "[bootstrap] %-22s %7.1f s\n", "setup total", b - a }' >&2
 
 case "$job" in
   run)

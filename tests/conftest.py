@@ -61,3 +61,15 @@ def tiny_qwen_tools(tmp_path_factory):
     gen = LlamaGenerator(path, n_ctx=2048)
     yield gen
     gen.close()
+
+
+@pytest.fixture
+def outside_any_project(tmp_path_factory, monkeypatch):
+    """Run in an empty directory with no models.toml above it: tests start in the repository,
+    whose top-level models.toml (the role plan) the project layer would otherwise find."""
+    from tongyi_local.config import project_file
+
+    empty = tmp_path_factory.mktemp("no-project")
+    monkeypatch.chdir(empty)
+    assert project_file() is None, f"a models.toml above {empty} would leak into the test"
+    return empty

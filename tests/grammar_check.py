@@ -14,7 +14,7 @@ from pathlib import Path
 
 import llama_cpp as L
 
-from tongyi_local.backends.llama import _ensure_runtime
+from tongyi_local.backends.runtime import ensure_runtime
 from tongyi_local.testing import write_tiny_model
 
 
@@ -30,7 +30,7 @@ class ByteVocab:
 
     @classmethod
     def load(cls, directory: Path) -> ByteVocab:
-        _ensure_runtime()
+        ensure_runtime()
         path = write_tiny_model(directory / "tiny-qwen2.gguf", "qwen2")
         params = L.llama_model_default_params()
         params.vocab_only = True

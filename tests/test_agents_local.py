@@ -243,8 +243,8 @@ def test_a_grammar_dead_end_fails_that_request_alone(tiny_qwen_tools):
     llama.cpp. The model keeps serving."""
     import time
 
-    from tongyi_local.backends.jobs import Job, Stream
-    from tongyi_local.backends.sequence import Sequence
+    from tongyi_local.backends._jobs import Job, Stream
+    from tongyi_local.backends._sequence import Sequence
     from tongyi_local.errors import OutputParseError
     from tongyi_local.types import Sampling
 

@@ -88,3 +88,51 @@ def test_header_of_the_starter_model(starter_path):
     assert header.context_length == 32768
     assert header.array_lengths["tokenizer.ggml.tokens"] == 262144
     assert 250e6 < header.n_params < 300e6
+
+
+def _with_architecture(tiny_qwen2, path, arch: str):
+    """The tiny model relabelled as an architecture llama.cpp does not know (the header is fine)."""
+    data = bytearray(tiny_qwen2.read_bytes())
+    key = b"general.architecture"
+    at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key) + 4 + 8
+    assert data[at:at + 5] == b"qwen2"
+    data[at:at + 5] = arch.encode()
+    path.write_bytes(data)
+    return path
+
+
+def test_concurrent_loads_each_report_their_own_llama_cpp_reason(tmp_path, tiny_qwen2):
+    # llama.cpp gives its reasons only through one process-wide log callback; loads in other
+    # threads, failing for other reasons at the same moment, must not lend theirs.
+    import threading
+
+    files = {arch: _with_architecture(tiny_qwen2, tmp_path / f"{arch}.gguf", arch)
+             for arch in ("qwenx", "qweny")}
+    reasons: dict[str, list[str]] = {arch: [] for arch in files}
+    loaded: list[str] = []
+    start = threading.Barrier(len(files) + 1)
+
+    def refused(arch):
+        start.wait()
+        for _ in range(25):
+            with pytest.raises(ModelLoadError) as info:
+                load(files[arch], n_ctx=256, slots=1)
+            reasons[arch].append(info.value.reason)
+
+    def good():
+        start.wait()
+        for _ in range(3):
+            with load(tiny_qwen2, n_ctx=256, slots=1) as model:
+                loaded.append(model.info.architecture)
+
+    threads = [threading.Thread(target=refused, args=(a,)) for a in files]
+    threads.append(threading.Thread(target=good))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loaded == ["qwen2"] * 3
+    for arch, other in (("qwenx", "qweny"), ("qweny", "qwenx")):
+        assert len(reasons[arch]) == 25
+        for reason in reasons[arch]:
+            assert f"unknown model architecture: '{arch}'" in reason and other not in reason

@@ -65,10 +65,10 @@ def test_broken_presets_file(tmp_path):
 
 
 def test_installed_runtime_matches_the_recorded_preset():
-    from tongyi_local.backends.llama import system_info
+    from tongyi_local.backends.runtime import system_info
 
     record = build.installed_build()
-    assert record is not None, "run ./bootstrap.sh: it records the preset it installed"
+    assert record is not None, "run `tongyi-local build`: it records the preset it installed"
     preset = build.load_presets()[record["preset"]]
     assert record["key"] == preset.key  # the installed wheel was built from today's preset
     features = parse_system_info(system_info())

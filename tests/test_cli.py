@@ -88,9 +88,9 @@ def test_doctor_fails_when_the_build_lacks_cpu_simd(monkeypatch, capsys):
     # A CPU with AVX-512 against a build without it cannot be produced on one machine, so the
     # build's report is substituted here; everything else is the real doctor command.
     from tongyi_local import cli
-    from tongyi_local.backends import llama
+    from tongyi_local.backends import runtime
 
-    monkeypatch.setattr(llama, "system_info", lambda: "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | "
+    monkeypatch.setattr(runtime, "system_info", lambda: "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | "
                         "F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 0 |")
     monkeypatch.setattr(cli.hardware, "read_topology", lambda: cli.hardware.Topology(
         cpus=(cli.hardware.LogicalCPU(0, 0, 0),),

@@ -108,3 +108,45 @@ def test_ps_shows_models_loaded_by_a_live_process(env, tmp_path, starter_path):
         proc.stdin.close()
         proc.wait(timeout=60)
     assert json.loads(cli(env, "ps", "--json").stdout) == []
+
+
+def test_models_config_shows_the_layers_and_where_each_entry_comes_from(tmp_path):
+    home, proj = tmp_path / "home", tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    home.mkdir()
+    (home / "models.toml").write_text('[models.mine]\nsource = "path"\npath = "/m/mine.gguf"\n'
+                                      '[roles.tester]\nmodel = "mine"\n')
+    (proj / "models.toml").write_text('[roles.coder]\nmodel = "mine"\n'
+                                      '[profiles.fast]\ncoder = "starter-chat"\n')
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("TONGYI_LOCAL_CONFIG", "TONGYI_LOCAL_PROFILE")}
+    environ.update(TONGYI_LOCAL_HOME=str(home), COLUMNS="200")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "tongyi_local", "models", "config", *args],
+                              capture_output=True, text=True, timeout=120, env=environ,
+                              cwd=proj / "src")
+
+    shown = json.loads(run("--json").stdout)
+    assert [(layer["kind"], layer["path"]) for layer in shown["layers"]] == [
+        ("project", str(proj / "models.toml")), ("user", str(home / "models.toml")),
+        ("packaged", shown["layers"][-1]["path"])]
+    assert shown["layers"][-1]["path"].endswith("defaults.toml")
+    origin = {(e["section"], e["name"]): e for e in shown["entries"]}
+    assert origin["roles", "coder"]["layer"]["kind"] == "project"
+    assert [r["kind"] for r in origin["roles", "coder"]["replaced"]] == ["packaged"]
+    assert origin["roles", "tester"]["layer"]["kind"] == "user"
+    assert origin["models", "mine"]["layer"]["path"] == str(home / "models.toml")
+    assert origin["roles", "default"]["layer"]["kind"] == "packaged"
+    assert origin["profiles", "fast"]["layer"]["kind"] == "project"
+
+    text = run()
+    assert text.returncode == 0, text.stderr
+    assert str(proj / "models.toml") in text.stdout
+    coder_row = next(line for line in text.stdout.splitlines() if "roles.coder " in line)
+    assert "project" in coder_row and "packaged" in coder_row
+
+    (proj / "models.toml").write_text('[roles.coder]\nmodel = "mine"\nprivacy = "secret"\n')
+    bad = run()
+    assert bad.returncode == 1
+    assert f"error: {proj / 'models.toml'}: roles.coder.privacy" in bad.stderr

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tongyi_local.backends.sequence import Sequence
-from tongyi_local.backends.slots import _common
+from tongyi_local.backends._sequence import Sequence
+from tongyi_local.backends._slots import _common
 from tongyi_local.errors import InvalidRequestError
 from tongyi_local.types import Sampling
 

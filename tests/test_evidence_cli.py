@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import typer
@@ -66,7 +67,7 @@ def test_bench_then_report_then_compare(app, f16, tmp_path):
                                  "--quality-ctx", "128", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "roofline:" in result.output and "% of it" in result.output
-    ev = json.loads(out.read_text())
+    ev = json.loads(out.read_text())["evidence"]
     assert len(ev["speed"]) == 1 and ev["quality"][1]["kld_mean"] == 0.0
     assert [t["role"] for t in ev["tasks"]] == ["coder"]
     report_dir = tmp_path / "rep"
@@ -75,7 +76,7 @@ def test_bench_then_report_then_compare(app, f16, tmp_path):
     assert result.exit_code == 0, result.output
     assert (report_dir / "report.md").exists() and (report_dir / "pareto.png").exists()
     worse = json.loads(out.read_text())
-    worse["speed"][0]["decode_tps"] /= 3
+    worse["evidence"]["speed"][0]["decode_tps"] /= 3
     (tmp_path / "worse.json").write_text(json.dumps(worse))
     result = runner.invoke(app, ["report", str(tmp_path / "worse.json"), "-o", str(report_dir),
                                  "--compare", str(out), "--fail-on-regression"])
@@ -85,9 +86,10 @@ def test_bench_then_report_then_compare(app, f16, tmp_path):
 
 
 def test_bad_require_decode_is_a_config_error(app, tmp_path):
-    from tongyi_local.evidence.results import new_evidence, save_evidence
+    from tongyi_local.evidence import conclude
+    from tongyi_local.evidence.results import Evidence, save
 
-    path = save_evidence(new_evidence(), tmp_path / "empty.json")
+    path = save(conclude(Evidence()), tmp_path / "empty.json")
     result = runner.invoke(app, ["report", str(path), "-o", str(tmp_path), "--require-decode", "coder"])
     assert isinstance(result.exception, ConfigError)
 
@@ -99,3 +101,39 @@ def test_bench_resolves_roles_and_names_missing_files(app):
     assert isinstance(unknown.exception, ConfigError) and "unknown role" in str(unknown.exception)
     missing = runner.invoke(app, ["bench", "/nonexistent/model.gguf"])
     assert isinstance(missing.exception, ModelNotFoundError)
+
+
+
+def test_bench_names_a_missing_corpus_before_any_work(app, f16, tmp_path):
+    from tongyi_local.errors import EvidenceError
+
+    result = runner.invoke(app, ["bench", str(f16), "--reference", str(f16), "--corpus",
+                                 str(tmp_path / "none.txt"), "--no-tasks"])
+    assert isinstance(result.exception, EvidenceError)
+    assert "none.txt is not a file" in str(result.exception) and "speed" not in result.output
+
+
+def test_bench_runs_from_an_installed_package_outside_any_checkout(f16, tmp_path):
+    """The package alone (copied as an install would place it), run from an unrelated directory:
+    the corpus comes from package data and the speed runs' child process finds the package."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tongyi_local
+
+    site = tmp_path / "site"
+    shutil.copytree(Path(tongyi_local.__file__).parent, site / "tongyi_local",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-m", "tongyi_local", "bench", str(f16), "--no-tasks",
+                          "--rounds", "1", "--reference", str(f16), "--quality-ctx", "128",
+                          "--json", "ev.json"], cwd=elsewhere, capture_output=True, text=True,
+                         env=dict(env, PYTHONPATH=str(site)), timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "quality vs tiny-F16.gguf: KLD mean 0.000000" in run.stdout
+    ev = json.loads((elsewhere / "ev.json").read_text())["evidence"]
+    assert ev["speed"][0]["model"] == "tiny-F16" and ev["quality"][0]["tokens"] > 0

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tongyi_local.backends.llama_quality import quantize
+from tongyi_local.backends.quantize import quantize
 from tongyi_local.errors import EvidenceError
 from tongyi_local.evidence.quality import (KLD_ABS_TOLERANCE, KLD_REL_TOLERANCE, Reference,
                                            crosscheck, pick_reference, quality_ladder)
@@ -18,9 +18,13 @@ LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
 
 @pytest.fixture(scope="module")
 def corpus_path():
-    from tongyi_local.cli_evidence import _default_corpus
+    """The packaged corpus as a file (llama.cpp's tools read a path)."""
+    from importlib.resources import as_file
 
-    return _default_corpus()
+    from tongyi_local.evidence.quality import default_corpus
+
+    with as_file(default_corpus()) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +84,11 @@ def perplexity_tool():
 def test_kld_matches_llama_perplexity_on_the_tiny_pair(ladder, corpus_path, perplexity_tool):
     check = crosscheck(ladder[0], ladder[-1], corpus_path, binary=perplexity_tool, n_ctx=128,
                        chunks=3, threads=2)
-    assert check["tokens"] >= 100  # llama-perplexity prints statistics only from 100 tokens
-    assert check["within"], check
-    assert abs(check["ours_kld_mean"] - check["llama_kld_mean"]) <= (
-        KLD_ABS_TOLERANCE + KLD_REL_TOLERANCE * check["llama_kld_mean"])
-    assert check["ours_ppl"] == pytest.approx(check["llama_ppl"], rel=1e-4)
+    assert check.tokens >= 100  # llama-perplexity prints statistics only from 100 tokens
+    assert check.within, check
+    assert abs(check.ours_kld_mean - check.llama_kld_mean) <= (
+        KLD_ABS_TOLERANCE + KLD_REL_TOLERANCE * check.llama_kld_mean)
+    assert check.ours_ppl == pytest.approx(check.llama_ppl, rel=1e-4)
 
 
 @pytest.mark.slow
@@ -95,8 +99,8 @@ def test_kld_matches_llama_perplexity_on_the_starter_model(starter_path, tmp_pat
                      allow_requantize=True).output
     check = crosscheck(starter_path, lower, corpus_path, binary=perplexity_tool, n_ctx=128,
                        chunks=2, threads=2)
-    assert check["llama_kld_mean"] > 0.01  # a real, measurable divergence
-    assert check["within"], check
+    assert check.llama_kld_mean > 0.01  # a real, measurable divergence
+    assert check.within, check
 
 
 # Recorded from llama-perplexity (commit 0c1e570): two progress rows, then the process exited

@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 import tongyi_local
-from tongyi_local.backends.llama_quality import QUANT_TYPES, is_quantized, quantize
+from tongyi_local.backends.quantize import QUANT_TYPES, is_quantized, quantize
 from tongyi_local.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
 from tongyi_local.gguf_header import read_header
 from tongyi_local.testing import write_tiny_model
@@ -97,6 +97,10 @@ def imatrix_tool():
 
 @pytest.fixture(scope="module")
 def corpus_path():
-    from tongyi_local.cli_evidence import _default_corpus
+    """The packaged corpus as a file (llama.cpp's tools read a path)."""
+    from importlib.resources import as_file
 
-    return _default_corpus()
+    from tongyi_local.evidence.quality import default_corpus
+
+    with as_file(default_corpus()) as path:
+        yield path

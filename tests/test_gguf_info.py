@@ -45,7 +45,7 @@ def mib(lines, pattern):
 
 
 def llama_counts(model):
-    from tongyi_local.backends.llama import L
+    from tongyi_local.backends.runtime import L
 
     return L.llama_model_n_params(model._model), L.llama_model_size(model._model)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tongyi_local.hardware import (cgroup_cpu_quota, missing_build_features, parse_system_info,
-                                   plan_threads, read_topology)
+                                   plan_threads, read_topology, Topology)
 
 EPYC_FLAGS = " ".join((
     "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat clflush mmx fxsr sse sse2",
@@ -83,12 +83,15 @@ def test_epyc_topology(epyc):
 def test_dual_socket_topology(dual_xeon):
     t = dual_xeon
     assert (t.logical_cpus, t.physical_cores, t.numa_nodes) == (64, 32, (0, 1))
+    assert t.numa_summary == "2 (nodes 0, 1)"
     assert {c.node for c in t.cpus if c.package == 1} == {1} and t.cpus[16].core == 0
 
 
 def test_small_vm_topology_skips_offline_and_defaults_node(small_vm):
     assert [c.id for c in small_vm.cpus] == [0, 1]
     assert small_vm.numa_nodes == (0,) and not small_vm.smt
+    assert small_vm.numa_summary == "1 (node 0)"  # a count and the list, never a bare "0"
+    assert Topology(cpus=()).numa_summary == "unknown"
     assert "avx512f" not in small_vm.flags and "avx2" in small_vm.simd
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import tongyi_local
-from tongyi_local.config import load_config
+from tongyi_local import registry as registry_module
+from tongyi_local.config import CONFIG_ENV, PROFILE_ENV, load_config
 from tongyi_local.errors import ConfigError, ModelNotFoundError
 from tongyi_local.pool import ModelPool
 from tongyi_local.registry import Registry, estimate_model, load_model
@@ -90,6 +91,52 @@ def test_a_missing_hub_model_says_how_to_pull_it(registry):
 def test_unknown_role(registry):
     with pytest.raises(ConfigError, match="unknown role 'wizard'"):
         registry.for_role("wizard")
+
+
+@pytest.fixture
+def fresh_default_registry(monkeypatch, tmp_path):
+    """The process-wide registry starts empty here and is closed afterwards; no user file."""
+    monkeypatch.setenv("TONGYI_LOCAL_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    monkeypatch.setattr(registry_module, "_default", None)
+    yield
+    if registry_module._default is not None:
+        registry_module._default.close()
+
+
+def project(directory, model_name, model_path, system_prompt):
+    """A project directory with its own models.toml putting the coder on ``model_name``."""
+    (directory / "src").mkdir(parents=True)
+    (directory / "models.toml").write_text(
+        f'[models.{model_name}]\nsource = "path"\npath = "{model_path}"\ncontext_length = 256\n'
+        'sampling = { temperature = 0.0, max_tokens = 3 }\n'
+        f'[roles.coder]\nmodel = "{model_name}"\nsystem_prompt = "{system_prompt}"\n')
+    return directory / "src"
+
+
+def test_for_role_takes_the_roles_of_the_project_in_the_working_directory(
+        fresh_default_registry, monkeypatch, tmp_path, starter_path, tiny_qwen2):
+    monkeypatch.chdir(project(tmp_path / "alpha", "alpha-model", starter_path, "You are Alpha."))
+    coder = tongyi_local.for_role("coder")
+    assert coder.name == "coder:alpha-model" and coder.role.system_prompt == "You are Alpha."
+    done = coder.complete("Hello")
+    assert done.usage.completion_tokens >= 1 and done.model == "alpha-model"
+    assert registry_module.for_role("reviewer").name == "reviewer:starter-chat"  # packaged
+    pool = registry_module.default_registry().pool
+    # Another project in the same process: its roles, over the same pool.
+    monkeypatch.chdir(project(tmp_path / "beta", "beta-model", tiny_qwen2, "You are Beta."))
+    assert tongyi_local.for_role("coder").name == "coder:beta-model"
+    assert registry_module.default_registry().pool is pool
+    assert tongyi_local.for_role("coder", profile="starter").name == "coder:starter-chat"
+
+
+def test_for_role_refuses_a_mistyped_keyword(fresh_default_registry):
+    with pytest.raises(TypeError, match="profle"):
+        registry_module.for_role("coder", profle="starter")
+    with pytest.raises(TypeError, match="config"):
+        tongyi_local.for_role("coder", config="models.toml")
+    assert registry_module._default is None  # refused before any config was read
 
 
 def test_public_for_role_uses_the_packaged_default(monkeypatch, tmp_path, starter_path):

@@ -4,7 +4,12 @@ store's listing, verification and removal."""
 from __future__ import annotations
 
 import hashlib
+import signal
+import subprocess
+import sys
+import time
 
+import huggingface_hub
 import huggingface_hub.constants
 import pytest
 from servers.hub import FakeHub
@@ -61,6 +66,18 @@ def visible_files(root):
     return sorted(r.as_posix() for r in rels if not any(x.startswith(".") for x in r.parts))
 
 
+def files_besides_locks(root):
+    """Every file under the store, hidden ones too, except the lock files."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_file() and p.parent.name != ".locks")
+
+
+def placed(path, root):
+    """A pulled model file and its two records, as ``files_besides_locks`` lists them."""
+    rel = path.relative_to(root).as_posix()
+    return sorted([rel, f"{rel}.sha256", f"{rel}.source.json"])
+
+
 def test_pull_places_a_verified_file_in_the_model_dir(hub, home, model_bytes):
     path = store.pull(REPO, FILE, sha256=sha(model_bytes[0]), progress=False)
     assert path == home / "Qwen" / "Tiny-GGUF" / FILE
@@ -81,11 +98,34 @@ def test_pull_places_a_verified_file_in_the_model_dir(hub, home, model_bytes):
 
 
 def test_pull_without_sha256_checks_the_hubs_lfs_sha_and_reuses_by_etag(hub, home, model_bytes):
-    path = store.pull(REPO, FILE, progress=True)  # progress bar path exercised too
+    path = store.pull(REPO, FILE, progress=False)
     assert path.read_bytes() == model_bytes[0]
     assert store.list_store()[0].verified  # checked against the hub's X-Linked-Etag
     store.pull(REPO, FILE, progress=False)
     assert len(hub.gets()) == 1  # second pull: HEAD only, same etag, no body
+    assert files_besides_locks(home) == placed(path, home)  # the download folder is gone
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bar_is_drawn_only_when_asked(hub, home, capfd, monkeypatch, progress):
+    monkeypatch.setenv("TQDM_POSITION", "-1")  # huggingface_hub draws bars off a terminal too
+    store.pull(REPO, FILE, progress=progress)
+    err = capfd.readouterr().err
+    assert (FILE in err and "100%" in err) == progress, err
+
+
+def test_the_hub_cache_is_read_never_written(hub, home, model_bytes, tmp_path, monkeypatch):
+    cache = tmp_path / "hf-home" / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    store.pull(REPO, FILE, progress=False)
+    assert not cache.exists()  # the store holds the only copy
+    store.remove(FILE)
+    # A file the hub cache already holds at that commit is copied from there, not downloaded.
+    huggingface_hub.hf_hub_download(REPO, FILE, endpoint=hub.url)
+    downloads = len(hub.gets())
+    path = store.pull(REPO, FILE, progress=False)
+    assert path.read_bytes() == model_bytes[0] and len(hub.gets()) == downloads
+    assert store.list_store()[0].verified
 
 
 def test_checksum_mismatch_leaves_nothing_in_the_store(hub, home, model_bytes):
@@ -102,33 +142,27 @@ def test_corrupt_transfer_is_deleted_not_placed(hub, home, model_bytes):
     with pytest.raises(ChecksumError, match="deleted"):
         store.pull(REPO, FILE, progress=False)
     assert len(hub.gets()) == 1
-    assert list(home.rglob("*.part")) == [] and visible_files(home) == []
+    assert files_besides_locks(home) == []
     hub.faults.corrupt = False
     assert store.pull(REPO, FILE, progress=False).read_bytes() == model_bytes[0]
 
 
-def test_interrupted_pull_resumes_with_a_range_request(hub, home, model_bytes):
+def test_a_transfer_broken_beyond_repair_leaves_nothing_and_the_next_pull_starts_clean(
+        hub, home, model_bytes):
     data = model_bytes[0]
-    cut = len(data) // 3
-    kept = cut // CHUNK * CHUNK  # whole pieces written before the hang-up
-    assert kept > 0
-    # First GET hangs up after `cut` bytes; huggingface_hub retries at once with a Range
-    # request, which fails (500): the pull fails and keeps its partial download.
-    hub.faults.drop_after, hub.faults.fail_next = cut, 1
-    with pytest.raises(DownloadError, match="resumes"):
+    # The first GET hangs up a third of the way; huggingface_hub asks at once for the rest with a
+    # Range request, which fails (500): the pull fails and huggingface_hub deletes what it had.
+    hub.faults.drop_after, hub.faults.fail_next = len(data) // 3, 1
+    with pytest.raises(DownloadError, match="HTTP 500.*nothing was kept") as info:
         store.pull(REPO, FILE, sha256=sha(data), progress=False)
-    target = store.hub_file_path(REPO, FILE)
-    assert not target.exists() and visible_files(home) == []
-    (part,) = list(home.rglob("*.part"))
-    assert part.name.startswith(".") and part.stat().st_size == kept
-    assert store.list_store() == []
-    # Second pull: resumes where the first stopped and completes, verified.
+    assert REPO in str(info.value) and not info.value.offline
+    assert [q.headers.get("range") is None for q in hub.gets()] == [True, False]
+    assert files_besides_locks(home) == [] and store.list_store() == []
     path = store.pull(REPO, FILE, sha256=sha(data), progress=False)
-    assert path.read_bytes() == data and not part.exists()
+    assert path.read_bytes() == data and store.list_store()[0].verified
     last = hub.gets()[-1]
-    assert last.headers.get("range") == f"bytes={kept}-" and last.status == 206
-    assert sum(1 for q in hub.gets() if q.status == 200) == 1  # only the first GET was whole
-    assert store.list_store()[0].verified
+    assert last.headers.get("range") is None and last.status == 200  # from the start
+    assert files_besides_locks(home) == placed(path, home)
 
 
 def test_a_dropped_connection_alone_is_resumed_within_the_pull(hub, home, model_bytes):
@@ -136,6 +170,53 @@ def test_a_dropped_connection_alone_is_resumed_within_the_pull(hub, home, model_
     path = store.pull(REPO, FILE, progress=False)
     assert path.read_bytes() == model_bytes[0]
     assert [q.headers.get("range") for q in hub.gets()] == [None, f"bytes={5 * CHUNK}-"]
+
+
+def test_a_stalled_transfer_times_out_and_resumes_within_the_pull(hub, home, model_bytes,
+                                                                  monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    hub.faults.stall_after = 5 * CHUNK + 100
+    path = store.pull(REPO, FILE, progress=False)
+    assert hub.wait_stalled(0) and path.read_bytes() == model_bytes[0]
+    assert [q.headers.get("range") for q in hub.gets()] == [None, f"bytes={5 * CHUNK}-"]
+
+
+PULL_IN_CHILD = f"""
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background runner may ignore it
+from tongyi_local import store
+try:
+    store.pull({REPO!r}, {FILE!r}, progress=False)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_an_interrupted_pull_leaves_nothing_that_lasts(hub, home, model_bytes, sig):
+    hub.faults.stall_after = len(model_bytes[0]) // 2
+    child = subprocess.Popen([sys.executable, "-c", PULL_IN_CHILD], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert hub.wait_stalled(60), child.communicate(timeout=5)
+        deadline = time.monotonic() + 30
+        while not list(home.rglob("*.incomplete")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(home.rglob("*.incomplete"))  # a partial download exists, out of sight
+        assert visible_files(home) == []
+        child.send_signal(sig)
+        _, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    if sig == signal.SIGINT:  # Ctrl-C: the pull cleans up after itself at once
+        assert child.returncode == 130, err
+        assert files_besides_locks(home) == []
+    else:  # killed: what it left is hidden, and the next pull of the file clears it
+        assert child.returncode == -signal.SIGKILL
+        assert visible_files(home) == [] and store.list_store() == []
+        path = store.pull(REPO, FILE, progress=False)
+        assert path.read_bytes() == model_bytes[0]
+        assert files_besides_locks(home) == placed(path, home)
 
 
 def test_revision_pinning(hub, home, model_bytes):
@@ -149,8 +230,11 @@ def test_revision_pinning(hub, home, model_bytes):
     assert pinned.read_bytes() == a and tagged.read_bytes() == a and latest.read_bytes() == b
     assert len({pinned, tagged, latest}) == 3  # each revision has its own place
     assert pinned == store.hub_file_path(REPO, FILE, commit_a)
-    assert {q.path for q in hub.gets()} == {f"/{REPO}/resolve/{r}/{FILE}"
-                                            for r in (commit_a, "v1.0", "main")}
+    # Each revision is resolved once (HEAD), and the commit it resolved to is what is fetched.
+    assert {q.path for q in hub.requests if q.method == "HEAD"} >= {
+        f"/{REPO}/resolve/{r}/{FILE}" for r in (commit_a, "v1.0", "main")}
+    assert [q.path for q in hub.gets()] == [f"/{REPO}/resolve/{c}/{FILE}"
+                                            for c in (commit_a, commit_a, commit_b)]
     by_name = {f.revision: f for f in store.list_store()}
     assert by_name[commit_a].commit == commit_a and by_name["main"].commit == commit_b
     with pytest.raises(ChecksumError):  # the pinned revision really is a, not b
@@ -210,10 +294,10 @@ def test_verify_records_and_rejects(tmp_path, tiny_qwen2):
     copy.write_bytes(tiny_qwen2.read_bytes())
     digest = sha(copy.read_bytes())
     assert store.verify(copy, digest) == copy
-    assert store._is_verified(copy, digest)
+    assert store.recorded_sha256(copy) == digest
     with pytest.raises(ChecksumError):
         store.verify(copy, sha(b"x"))
-    assert copy.exists() and not store._is_verified(copy, digest)
+    assert copy.exists() and store.recorded_sha256(copy) is None
     with pytest.raises(ModelNotFoundError):
         store.verify(tmp_path / "absent.gguf", digest)
 
@@ -226,7 +310,7 @@ def test_list_and_remove(hub, home, model_bytes):
     assert store.remove(FILE) == path  # a unique file name is enough
     assert not path.exists() and not (home / "Qwen").exists()
     assert store.remove("loose.gguf") == home / "loose.gguf"
-    assert visible_files(home) == [] and list(home.rglob(".*.part")) == []
+    assert files_besides_locks(home) == []
     with pytest.raises(ModelNotFoundError):
         store.remove("loose.gguf")
     with pytest.raises(ModelNotFoundError):
@@ -234,5 +318,5 @@ def test_list_and_remove(hub, home, model_bytes):
 
 
 def test_starter_model_keeps_its_marker(starter_path):
-    assert store._recorded_sha(starter_path) is not None
+    assert store.recorded_sha256(starter_path) is not None
     assert store.starter_model() == starter_path

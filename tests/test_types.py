@@ -41,6 +41,21 @@ def test_timings_rates():
     assert Timings().decode_tokens_per_s == 0
 
 
+def test_the_package_namespace_is_its_public_api_and_the_whole_error_tree():
+    import inspect
+    import types
+
+    from tongyi_local import errors
+
+    public = {name for name, value in vars(tongyi_local).items()
+              if not name.startswith("_") and not isinstance(value, types.ModuleType)}
+    assert public <= set(tongyi_local.__all__), public - set(tongyi_local.__all__)
+    tree = {name for name, value in vars(errors).items()
+            if inspect.isclass(value) and issubclass(value, errors.TongyiError)}
+    assert tree <= set(tongyi_local.__all__), tree - set(tongyi_local.__all__)
+    assert len(tongyi_local.__all__) == len(set(tongyi_local.__all__))
+
+
 def test_public_api_is_exported_and_import_is_light():
     import subprocess
     import sys

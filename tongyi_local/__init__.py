@@ -8,14 +8,17 @@
 Importing does no I/O and does not load llama.cpp; ``load`` does.
 """
 
-from __future__ import annotations
-
 import logging as _logging
 from pathlib import Path as _Path
 from typing import Any as _Any
 
-from . import errors as _errors
-from .errors import *  # noqa: F403 - the whole error tree is public
+from .errors import (AuthenticationError, BackendError, BackendUnavailableError, BuildError,
+                     ChecksumError, ConfigError, ContextOverflowError, DownloadError,
+                     EvidenceError, GeneratorClosedError, InsufficientMemoryError,
+                     InvalidRequestError, ModelError, ModelLoadError, ModelNotFoundError,
+                     OutputParseError, PrivacyError, QuantizeError, RateLimitError,
+                     RemoteConnectionError, RemoteError, RemoteRequestError, RemoteTimeoutError,
+                     ResponseFormatError, ServerError, TongyiError, UnsupportedSchemaError)
 from .types import (Chunk, Completion, Generator, Message, ResponseSchema, Sampling, Timings, Tool,
                     ToolCall, ToolChoice, Usage)
 
@@ -39,11 +42,19 @@ _LAZY = {
     "openai_transport": "tongyi_local.openai_api",
 }
 
-__all__ = sorted(
-    [name for name in vars(_errors) if name.endswith("Error")]
-    + ["Chunk", "Completion", "Generator", "Message", "ResponseSchema", "Sampling", "Timings",
-       "Tool", "ToolCall", "ToolChoice", "Usage",
-       "for_role", "load", "starter_chat_model_path", "starter_model_path", "__version__", *_LAZY])
+# The public API: the error tree, the value types, the entry points and the lazy classes.
+__all__ = [
+    "AuthenticationError", "BackendError", "BackendUnavailableError", "BuildError",
+    "ChecksumError", "ConfigError", "ContextOverflowError", "DownloadError", "EvidenceError",
+    "GeneratorClosedError", "InsufficientMemoryError", "InvalidRequestError", "ModelError",
+    "ModelLoadError", "ModelNotFoundError", "OutputParseError", "PrivacyError", "QuantizeError",
+    "RateLimitError", "RemoteConnectionError", "RemoteError", "RemoteRequestError",
+    "RemoteTimeoutError", "ResponseFormatError", "ServerError", "TongyiError",
+    "UnsupportedSchemaError",
+    "Chunk", "Completion", "Generator", "Message", "ResponseSchema", "Sampling", "Timings",
+    "Tool", "ToolCall", "ToolChoice", "Usage",
+    "for_role", "load", "starter_chat_model_path", "starter_model_path", "__version__", *_LAZY,
+]
 
 
 def __getattr__(name: str) -> _Any:

@@ -24,6 +24,8 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from .errors import BuildError, ConfigError
@@ -34,6 +36,10 @@ PRESET_ENV = "TONGYI_LOCAL_PRESET"
 BUILD_RECORD = "tongyi_local_build.json"  # written into the venv (sys.prefix)
 # llama.cpp's own tools the benchmarks and the evidence pipeline run, built in one go.
 DEFAULT_TOOLS = ("llama-bench", "llama-batched-bench", "llama-perplexity", "llama-imatrix")
+# What every "llama-cpp-python is missing" message tells the user to do: the command ships with
+# the package, so it works from a wheel as well as from a source checkout.
+BUILD_HINT = ("run `tongyi-local build` (it builds llama-cpp-python from the CMake preset that "
+              "fits this CPU, once per preset)")
 
 _ZEN4_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi",
                "avx2", "fma", "f16c"}
@@ -58,11 +64,13 @@ class Preset:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def presets_file() -> Path:
-    return Path(__file__).resolve().parent.parent / "CMakePresets.json"
+def presets_file() -> Traversable:
+    """The CMake presets shipped inside the package (``tongyi_local/data``), so an installed
+    wheel builds exactly as a source checkout does."""
+    return files("tongyi_local") / "data" / "CMakePresets.json"
 
 
-def load_presets(path: Path | None = None) -> dict[str, Preset]:
+def load_presets(path: Path | Traversable | None = None) -> dict[str, Preset]:
     """Read CMakePresets.json, resolving ``inherits``; hidden presets are not offered."""
     path = path or presets_file()
     try:
@@ -96,7 +104,7 @@ def choose_preset(cpu_flags: frozenset[str] | set[str]) -> str:
     return "native"
 
 
-def select_preset(name: str | None = None, path: Path | None = None) -> Preset:
+def select_preset(name: str | None = None, path: Path | Traversable | None = None) -> Preset:
     """Argument > $TONGYI_LOCAL_PRESET > the preset that fits this host."""
     from .hardware import read_topology
 

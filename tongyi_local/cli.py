@@ -47,18 +47,11 @@ KeyEnvOpt = Annotated[Optional[str], typer.Option("--api-key-env", help="Environ
 
 
 def _remote(backend: str, base_url: str | None, remote_model: str | None, key_env: str | None):
-    if backend == "dashscope":
-        from .backends.dashscope import DashScopeGenerator
+    if backend == "openai" and not (base_url and remote_model):
+        raise typer.BadParameter("--backend openai needs --base-url and --remote-model")
+    from .backends import remote_generator
 
-        return DashScopeGenerator(remote_model or "qwen-plus", base_url=base_url,
-                                  api_key_env=key_env)
-    if backend == "openai":
-        if not base_url or not remote_model:
-            raise typer.BadParameter("--backend openai needs --base-url and --remote-model")
-        from .backends.openai import OpenAIGenerator
-
-        return OpenAIGenerator(remote_model, base_url=base_url, api_key_env=key_env)
-    raise typer.BadParameter(f"unknown backend {backend!r}; use llama, dashscope or openai")
+    return remote_generator(backend, remote_model, base_url=base_url, api_key_env=key_env)
 
 
 def _load(model: Path | None, threads: int | None, n_ctx: int, role: str | None = None,
@@ -181,7 +174,7 @@ def doctor(
 ) -> None:
     """Report CPU, memory, the llama.cpp build, and whether the build uses the CPU's SIMD features."""
     from . import build
-    from .backends.llama import system_info
+    from .backends.runtime import system_info
 
     topo = hardware.read_topology()
     plan = hardware.this_machine_plan()
@@ -206,7 +199,7 @@ def doctor(
         out.print_json(json.dumps(report))
     else:
         table = Table(show_header=False, box=None)
-        for key, value in report.items():
+        for key, value in {**report, "numa_nodes": topo.numa_summary}.items():
             shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
             table.add_row(f"[bold]{key}[/bold]", shown or "-")
         out.print(table)
@@ -214,7 +207,7 @@ def doctor(
             out.print(f"note: {note}")
     if missing:
         err.print(f"error: this CPU has {', '.join(missing)} but the llama.cpp build does not use "
-                  f"it; rebuild with: python -m tongyi_local.build --preset "
+                  f"it; rebuild with: tongyi-local build --preset "
                   f"{build.choose_preset(topo.flags)}")
         raise typer.Exit(1)
 
@@ -275,6 +268,33 @@ def models_list(config: ConfigOpt = None, profile: ProfileOpt = None, as_json: J
     out.print(table)
 
 
+@models_app.command("config")
+def models_config(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """The models.toml layers found (highest precedence first) and the layer each model, role
+    and profile comes from."""
+    from dataclasses import asdict
+
+    from .config import load_config
+
+    cfg = load_config(config)
+    layers = cfg.layers[::-1]
+    if as_json:
+        out.print_json(json.dumps({"layers": [asdict(layer) | {"why": layer.why} for layer in layers],
+                                   "entries": [asdict(o) for o in cfg.origins]}, default=str))
+        return
+    table = Table(title="models.toml layers, highest precedence first", title_justify="left")
+    for column in ("layer", "file", "why"):
+        table.add_column(column, overflow="fold")
+    for layer in layers:
+        table.add_row(layer.kind, str(layer.path), layer.why)
+    out.print(table)
+    entries = Table("entry", "from layer", "replaces")
+    for o in cfg.origins:
+        entries.add_row(f"{o.section}.{o.name}", o.layer.kind,
+                        ", ".join(r.kind for r in o.replaced) or "-")
+    out.print(entries)
+
+
 @models_app.command("info")
 def models_info(name: Annotated[str, typer.Argument(help="Role, model name, or a GGUF path.")],
                 config: ConfigOpt = None, profile: ProfileOpt = None,
@@ -311,7 +331,7 @@ def models_info(name: Annotated[str, typer.Argument(help="Role, model name, or a
 @models_app.command("pull")
 def models_pull(name: Annotated[str, typer.Argument(help="Role or model name.")],
                 config: ConfigOpt = None, profile: ProfileOpt = None) -> None:
-    """Download a model from the hub (pinned revision, resumable, sha256-checked) into the store."""
+    """Download a model from the hub (pinned revision, sha256-checked) into the store."""
     from .registry import pull_model, resolve_model
 
     spec = resolve_model(_registry(config, profile).config, name, profile)

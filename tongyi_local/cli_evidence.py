@@ -1,6 +1,7 @@
 """`tongyi-local bench | quantize | report | cost`: the evidence commands.
 
-Thin, as every command: parse, call ``tongyi_local.evidence`` / ``backends.llama_quality``, print.
+Thin, as every command: parse, call ``tongyi_local.evidence`` (``run_suite`` for bench) /
+``backends.quantize``, print.
 Library errors are ``TongyiError``s and reach cli.main's one handler. ``register(app)`` adds the
 commands to the main typer app.
 """
@@ -22,36 +23,6 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _default_corpus() -> Path:
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "corpus" / "corpus.txt"
-    if not path.exists():
-        raise EvidenceError("no corpus given and benchmarks/corpus/corpus.txt is not beside this "
-                            "installation: pass --corpus FILE (plain text, a few thousand words)")
-    return path
-
-
-def resolve_target(target: str) -> tuple[Path, str | None]:
-    """A GGUF path, "starter", or a role name from models.toml -> (file, role or None)."""
-    path = Path(target).expanduser()
-    if path.suffix == ".gguf" or path.exists():
-        return path, None
-    if target == "starter":
-        from . import starter_model_path
-
-        return starter_model_path(), None
-    try:
-        from .config import load_config
-        from .registry import model_file
-
-        spec = load_config().model_for(target)
-    except ImportError:
-        raise ConfigError(f"{target!r} is neither a .gguf file nor a known role")
-    if spec.remote:
-        raise ConfigError(f"role {target!r} runs on a remote backend ({spec.backend}); bench "
-                          "measures local GGUF models")
-    return model_file(spec), target
-
-
 def _print_rows(title: str, headers: list[str], rows: list[list[str]]) -> None:
     table = Table(title=title, title_justify="left")
     for h in headers:
@@ -67,7 +38,7 @@ def bench(
     sweep: Annotated[bool, typer.Option("--sweep", help="Thread sweep 1..cores (+logical), pinned and unpinned.")] = False,
     presets: Annotated[bool, typer.Option("--presets", help="Compare build presets with llama-bench (builds them once).")] = False,
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Higher-precision GGUF to measure KLD/top-1 against.")] = None,
-    corpus: Annotated[Optional[Path], typer.Option("--corpus", help="Text for KLD/perplexity (default: benchmarks/corpus).")] = None,
+    corpus: Annotated[Optional[Path], typer.Option("--corpus", help="Text for KLD/perplexity (default: the packaged corpus).")] = None,
     tasks: Annotated[bool, typer.Option("--tasks/--no-tasks", help="Run the role task suite.")] = True,
     role: Annotated[Optional[list[str]], typer.Option("--role", help="Roles whose tasks to run (default: the target's role, else all).")] = None,
     iterations: Annotated[int, typer.Option("--iterations", help="Runs per task.")] = 3,
@@ -78,66 +49,50 @@ def bench(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the evidence JSON here.")] = None,
 ) -> None:
     """Measure one model (or a role's model): speed, roofline, optional sweep, quality, tasks."""
-    import tongyi_local
-
-    from .evidence import quality as q, results, roofline as rl, speed, sweep as sw
-    from .evidence.tasks import TASKS, run_tasks
-
-    from .gguf_header import read_header
+    from .evidence.results import save
+    from .evidence.suite import PRESETS, Ladder, SuitePlan, resolve_target, run_suite
 
     path, target_role = resolve_target(target)
-    read_header(path)  # a missing or bad file fails here, naming it, before any work
-    ev = results.new_evidence(stamp=speed.stamp())
-    rows = [speed.run_isolated(path, threads=t, n_ctx=ctx, rounds=rounds)
-            for t in (threads or [None])]
-    results.add(ev, "speed", rows)
+    roles = role or ([target_role] if target_role else None)
+    plan = SuitePlan(models=(path,), threads=tuple(threads or [None]), rounds=rounds, n_ctx=ctx,
+                     sweep=sweep, presets=PRESETS if presets else (),
+                     ladders=(Ladder(reference, (path,)),) if reference else (),
+                     quality_ctx=quality_ctx, quality_chunks=4, corpus=corpus,
+                     task_models=(path,) if tasks else (),
+                     task_roles=tuple(roles) if roles else None, iterations=iterations,
+                     task_ctx=ctx, similarity=similarity)
+    result = run_suite(plan, progress=lambda line: err.print(f"[dim]{line}[/dim]"))
+    ev = result.evidence
     _print_rows(f"speed: {path.name}", ["threads", "pinned", "prompt t/s", "decode t/s", "TTFT ms",
                                         "p50 ms", "p90 ms", "p99 ms", "load ms", "RSS MiB", "CPU"],
                 [[str(r.threads), str(r.pinned), f"{r.prompt_tps:.1f}", f"{r.decode_tps:.1f}",
                   f"{r.ttft_ms:.0f}", f"{r.latency_p50_ms:.0f}", f"{r.latency_p90_ms:.0f}",
                   f"{r.latency_p99_ms:.0f}", f"{r.load_ms:.0f}", f"{r.peak_rss_mib:.0f}",
-                  f"{100 * r.cpu_utilisation:.0f}%"] for r in rows])
-    bw = rl.measure_bandwidth()
-    roof = rl.roofline(path, bw, max(r.decode_tps for r in rows))
-    results.add(ev, "roofline", [roof])
-    out.print(f"roofline: {bw.gb_per_s:.1f} GB/s read, {roof.bytes_per_token / 2**20:.1f} MiB per "
-              f"token -> bound {roof.decode_bound_tps:.1f} t/s; measured "
-              f"{roof.measured_decode_tps:.1f} t/s = {roof.percent_of_bound:.0f}% of it")
-    if sweep:
-        points = sw.thread_sweep(path, rounds=1, n_ctx=ctx)
-        results.add(ev, "thread_sweep", points)
+                  f"{100 * r.cpu_utilisation:.0f}%"] for r in ev.speed])
+    for roof in ev.roofline:
+        out.print(f"roofline: {roof.bandwidth_gb_per_s:.1f} GB/s read, "
+                  f"{roof.bytes_per_token / 2**20:.1f} MiB per token -> bound "
+                  f"{roof.decode_bound_tps:.1f} t/s; measured {roof.measured_decode_tps:.1f} t/s "
+                  f"= {roof.percent_of_bound:.0f}% of it")
+    if ev.thread_sweep:
         _print_rows("thread sweep (× default)", ["configuration", "prompt t/s", "decode t/s", "prompt ×", "decode ×"],
                     [[p.label, f"{p.prompt_tps:.1f}", f"{p.decode_tps:.1f}", f"{p.prompt_ratio:.3f}",
-                      f"{p.decode_ratio:.3f}"] for p in points])
-    if presets:
-        points = sw.preset_comparison(path)
-        results.add(ev, "presets", points)
+                      f"{p.decode_ratio:.3f}"] for p in ev.thread_sweep])
+    if ev.presets:
         _print_rows("presets (llama-bench, × default)", ["preset", "pp t/s", "tg t/s", "pp ×", "tg ×"],
                     [[p.preset, f"{p.pp_tps:.1f}", f"{p.tg_tps:.1f}", f"{p.pp_ratio:.3f}",
-                      f"{p.tg_ratio:.3f}"] for p in points])
-    if reference:
-        text = (corpus or _default_corpus()).read_text()
-        rows_q = q.quality_ladder(reference, [path], text, n_ctx=quality_ctx, max_chunks=4)
-        results.add(ev, "quality", rows_q)
-        for r in rows_q[1:]:
-            out.print(f"quality vs {r.reference}: KLD mean {r.kld_mean:.6f} p99 {r.kld_p99:.6f}, "
-                      f"top-1 {100 * r.top1_agreement:.2f}%, PPL {r.ppl:.3f} (reference "
-                      f"{r.ppl_reference:.3f}) over {r.tokens} tokens")
-    if tasks:
-        sim = None
-        if similarity:
-            from .backends.embeddings import similarity as sim
-        wanted = role or ([target_role] if target_role else [t.role for t in TASKS])
-        with tongyi_local.load(path, n_ctx=ctx) as gen:
-            task_rows = run_tasks(gen, iterations=iterations, similarity=sim, roles=wanted,
-                                  model=path.stem)
-        results.add(ev, "tasks", task_rows)
+                      f"{p.tg_ratio:.3f}"] for p in ev.presets])
+    for r in ev.quality[1:]:  # the first row is the reference against itself
+        out.print(f"quality vs {r.reference}: KLD mean {r.kld_mean:.6f} p99 {r.kld_p99:.6f}, "
+                  f"top-1 {100 * r.top1_agreement:.2f}%, PPL {r.ppl:.3f} (reference "
+                  f"{r.ppl_reference:.3f}) over {r.tokens} tokens")
+    if ev.tasks:
         _print_rows("tasks", ["role", "task", "success", "keywords", "chars", "similarity"],
                     [[t.role, t.task, f"{100 * t.success_rate:.0f}%", f"{100 * t.keyword_coverage:.0f}%",
                       f"{t.mean_chars:.0f}", "n/a" if t.similarity is None else f"{t.similarity:.2f}"]
-                     for t in task_rows])
+                     for t in ev.tasks])
     if json_out:
-        results.save_evidence(ev, json_out)
+        save(result, json_out)
         out.print(f"evidence written to {json_out}")
 
 
@@ -151,7 +106,7 @@ def quantize(
     threads: Annotated[Optional[int], typer.Option("--threads")] = None,
 ) -> None:
     """Quantize a GGUF in-process with llama.cpp's quantizer, with a progress bar."""
-    from .backends.llama_quality import quantize as run_quantize
+    from .backends.quantize import quantize as run_quantize
     from .evidence.tools import make_imatrix, tool_paths
     from .hardware import this_machine_plan
 
@@ -204,12 +159,13 @@ def report(
 ) -> None:
     """Write report.md + pareto.png + figures.json with a recommendation per role."""
     from .evidence.report import write_report
-    from .evidence.results import load_evidence, merge
+    from .evidence.results import load, merge
+    from .evidence.suite import conclude
 
-    ev = merge(*(load_evidence(p) for p in evidence))
-    previous = load_evidence(compare) if compare else None
-    files = write_report(ev, outdir, rules=_rules(rules, require_decode), previous=previous,
-                         threshold=threshold)
+    result = conclude(merge(*(load(p).evidence for p in evidence)),
+                      rules=_rules(rules, require_decode),
+                      previous=load(compare).evidence if compare else None, threshold=threshold)
+    files = write_report(result, outdir)
     out.print(f"report: {files.markdown}\nchart:  {files.chart or '(no model with both speed and quality)'}"
               f"\nfigures: {files.figures}")
     for g in files.regressions:
@@ -233,17 +189,17 @@ def cost(
 ) -> None:
     """Local vs API cost per month, the break-even volume, and a 1M…1B table."""
     from .evidence.cost import CostInputs, break_even_tokens, cost_table, human_tokens, monthly_cost
-    from .evidence.results import load_evidence
+    from .evidence.results import load
 
     if tps is None:
         if results_file is None:
             raise ConfigError("give --tps (tokens/s) or --results with a measured speed row")
-        rows = [r for r in load_evidence(results_file)["speed"] if model in (None, r["model"])]
+        rows = [r for r in load(results_file).evidence.speed if model in (None, r.model)]
         if not rows:
             raise EvidenceError(f"{results_file} has no speed row{' for ' + model if model else ''}")
-        best = max(rows, key=lambda r: r["decode_tps"])
-        tps = best["decode_tps"]
-        out.print(f"throughput {tps:.1f} t/s measured for {best['model']} ({best['threads']} threads)")
+        best = max(rows, key=lambda r: r.decode_tps)
+        tps = best.decode_tps
+        out.print(f"throughput {tps:.1f} t/s measured for {best.model} ({best.threads} threads)")
     inputs = CostInputs(tokens_per_s=tps, api_usd_per_1k_tokens=api_usd_per_1k,
                         power_watts=power_watts, usd_per_kwh=usd_per_kwh,
                         maintenance_hours_per_month=maintenance_hours,

@@ -1,9 +1,17 @@
-"""models.toml -> typed, validated specs.
+"""models.toml -> typed, validated specs, from a stack of layers.
 
-Precedence (highest first): a file passed as an argument > ``$TONGYI_LOCAL_CONFIG`` > the user's
-file (``$TONGYI_LOCAL_HOME/models.toml`` when that is set, else
-``~/.config/tongyi_local/models.toml``) > the packaged ``tongyi_local/models.toml``. Layers are
-merged by entry: a model, role or profile defined in a higher layer replaces the lower one whole.
+Layers, highest precedence first: a file passed as an argument > ``$TONGYI_LOCAL_CONFIG`` > the
+project's file, the nearest ``models.toml`` from the working directory upward (to the filesystem
+root, as tools find ``pyproject.toml``) > the user's file (``$TONGYI_LOCAL_HOME/models.toml`` when
+that is set, else ``~/.config/tongyi_local/models.toml``) > the packaged defaults
+(``tongyi_local/defaults.toml``: the starter models, every role on them, profile ``starter``).
+The same file found twice counts once, in its highest place.
+
+Layers merge by entry: a model, role or profile defined in a higher layer replaces the entry of
+the same name below it whole (its keys are not mixed with the lower entry's); entries no higher
+layer names stay as the lower layer has them. ``Config.origins`` records the layer each entry
+came from and the ones it replaced (``tongyi-local models config`` prints them).
+
 Every mistake is one ``ConfigError`` naming the file, the key and what is allowed, raised when
 the file is loaded: a value of the wrong type, a model name or hub file name that could leave the
 model directory, or a control character in a path never reaches the code that uses it.
@@ -16,23 +24,25 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gguf.constants import LlamaFileType
 
 from .errors import ConfigError, TongyiError
+from .kv_types import KV_CACHE_TYPES
 from .paths import HOME_ENV
 from .types import Sampling
 
 CONFIG_ENV = "TONGYI_LOCAL_CONFIG"
+PROJECT_FILE = "models.toml"
 PROFILE_ENV = "TONGYI_LOCAL_PROFILE"
 ROLES = ("coordinator", "researcher", "coder", "tester", "reviewer", "default")
 BACKENDS = ("llama", "dashscope", "openai", "fake")
 SOURCES = ("starter", "starter-chat", "hub", "path")
 QUANTIZATIONS = tuple(sorted({t.name.removeprefix("MOSTLY_") for t in LlamaFileType
                               if t.name != "GUESSED"}))
-KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
 PRIVACY = ("any", "local-only")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SAMPLING_KEYS = tuple(f.name for f in fields(Sampling))
@@ -87,12 +97,72 @@ class RoleSpec:
     privacy: str = "any"
 
 
+class LayerKind(StrEnum):
+    """Why a file is in the stack, lowest precedence first."""
+
+    PACKAGED = "packaged"
+    USER = "user"
+    PROJECT = "project"
+    ENVIRONMENT = "environment"
+    ARGUMENT = "argument"
+
+
+_LAYER_WHY = {
+    LayerKind.PACKAGED: "the packaged defaults",
+    LayerKind.USER: "the user's file",
+    LayerKind.PROJECT: "the nearest models.toml from the working directory upward",
+    LayerKind.ENVIRONMENT: f"${CONFIG_ENV}",
+    LayerKind.ARGUMENT: "an argument",
+}
+
+Section = Literal["models", "roles", "profiles"]
+SECTIONS: tuple[Section, ...] = ("models", "roles", "profiles")
+
+
+@dataclass(frozen=True)
+class ConfigLayer:
+    """One models.toml in the stack and why it is there."""
+
+    kind: LayerKind
+    path: Path
+
+    @property
+    def why(self) -> str:
+        return _LAYER_WHY[self.kind]
+
+
+@dataclass(frozen=True)
+class EntryOrigin:
+    """Where one merged entry comes from: the highest layer defining it, and the lower layers'
+    entries of the same name it replaced (highest first)."""
+
+    section: Section
+    name: str
+    layer: ConfigLayer
+    replaced: tuple[ConfigLayer, ...] = ()
+
+
 @dataclass(frozen=True)
 class Config:
+    """The merged entries of every layer, the layers and where each entry comes from."""
+
     models: dict[str, ModelSpec]
     roles: dict[str, RoleSpec]
     profiles: dict[str, dict[str, str]]
-    files: tuple[str, ...]
+    layers: tuple[ConfigLayer, ...]  # lowest precedence first, as merged
+    origins: tuple[EntryOrigin, ...] = ()  # by section (models, roles, profiles), then name
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(str(layer.path) for layer in self.layers)
+
+    def origin(self, section: Section, name: str) -> EntryOrigin:
+        """The layer an entry comes from (``origin("roles", "coder").layer.kind``)."""
+        for origin in self.origins:
+            if (origin.section, origin.name) == (section, name):
+                return origin
+        raise ConfigError(f"no entry {_key_path(section, name)} in any layer; layers: "
+                          f"{', '.join(str(layer.path) for layer in self.layers)}")
 
     def role(self, name: str, profile: str | None = None) -> RoleSpec:
         """The role's spec, with ``profile`` (argument > $TONGYI_LOCAL_PROFILE) applied."""
@@ -114,7 +184,8 @@ class Config:
 
 
 def packaged_file() -> Path:
-    return Path(__file__).with_name("models.toml")
+    """The packaged defaults: package data beside this module, so a wheel install has them."""
+    return Path(__file__).with_name("defaults.toml")
 
 
 def user_file() -> Path:
@@ -124,33 +195,66 @@ def user_file() -> Path:
     return Path.home() / ".config" / "tongyi_local" / "models.toml"
 
 
-def config_files(path: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Files in the order they are layered (lowest precedence first)."""
-    files = [packaged_file()]
+def project_file(start: str | os.PathLike[str] | None = None) -> Path | None:
+    """The nearest ``models.toml`` in ``start`` (default: the working directory) or a directory
+    above it, up to the filesystem root; None when there is none (or no working directory)."""
+    try:
+        here = Path(start if start is not None else Path.cwd()).absolute()
+    except OSError:  # the working directory was removed
+        return None
+    for directory in (here, *here.parents):
+        candidate = directory / PROJECT_FILE
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError:  # a directory this process may not look into: keep going up
+            continue
+    return None
+
+
+def config_layers(path: str | os.PathLike[str] | None = None) -> list[ConfigLayer]:
+    """The files found, in the order they are merged (lowest precedence first)."""
+    layers = [ConfigLayer(LayerKind.PACKAGED, packaged_file())]
     if user_file().exists():
-        files.append(user_file())
-    for explicit, what in ((os.environ.get(CONFIG_ENV), f"${CONFIG_ENV}"), (path, "argument")):
+        layers.append(ConfigLayer(LayerKind.USER, user_file()))
+    project = project_file()
+    if project is not None:
+        layers.append(ConfigLayer(LayerKind.PROJECT, project))
+    for explicit, kind in ((os.environ.get(CONFIG_ENV), LayerKind.ENVIRONMENT),
+                           (path, LayerKind.ARGUMENT)):
         if explicit:
             p = Path(explicit).expanduser()
             if not p.is_file():  # False, not an error, for a NUL byte or a name too long
                 shown = str(p) if str(p).isprintable() else repr(str(p))
-                raise ConfigError(f"config file {shown} (from {what}) does not exist")
-            files.append(p)
-    return files
+                raise ConfigError(f"config file {shown} (from {_LAYER_WHY[kind]}) does not exist")
+            layers.append(ConfigLayer(kind, p))
+    return _each_file_once(layers)
+
+
+def _each_file_once(layers: list[ConfigLayer]) -> list[ConfigLayer]:
+    """A file reached twice (the project's file also named by $TONGYI_LOCAL_CONFIG) is one
+    layer, in its highest place."""
+    seen: set[Path] = set()
+    kept: list[ConfigLayer] = []
+    for layer in reversed(layers):
+        key = layer.path.resolve()
+        if key not in seen:
+            seen.add(key)
+            kept.append(layer)
+    return kept[::-1]
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    models: dict[str, ModelSpec] = {}
-    roles: dict[str, RoleSpec] = {}
-    profiles: dict[str, dict[str, str]] = {}
-    profile_files: dict[str, str] = {}
-    files = config_files(path)
-    for file in files:
-        m, r, p = _parse_file(file)
-        models.update(m)
-        roles.update(r)
-        profiles.update(p)
-        profile_files.update(dict.fromkeys(p, str(file)))
+    """The merged config of every layer found (``path``: the argument layer, if any)."""
+    layers = config_layers(path)
+    merged: dict[Section, dict[str, Any]] = {section: {} for section in SECTIONS}
+    defined_by: dict[tuple[Section, str], list[ConfigLayer]] = {}
+    for layer in layers:
+        for section, entries in zip(SECTIONS, _parse_file(layer.path)):
+            merged[section].update(entries)
+            for name in entries:
+                defined_by.setdefault((section, name), []).append(layer)
+    models, roles, profiles = merged["models"], merged["roles"], merged["profiles"]
     defined = ", ".join(sorted(models))
     for role in roles.values():
         for key, target in (("model", role.model), ("fallback", role.fallback)):
@@ -160,10 +264,15 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     for name, mapping in profiles.items():
         for role, model in mapping.items():
             if model not in models:
-                raise ConfigError(f"{profile_files[name]}: {_key_path('profiles', name, role)} "
-                                  f"names undefined model {model!r}; defined: {defined}")
-    return Config(models=models, roles=roles, profiles=profiles,
-                  files=tuple(str(f) for f in files))
+                raise ConfigError(f"{defined_by['profiles', name][-1].path}: "
+                                  f"{_key_path('profiles', name, role)} names undefined model "
+                                  f"{model!r}; defined: {defined}")
+    origins = tuple(EntryOrigin(section, name, found[-1], tuple(reversed(found[:-1])))
+                    for (section, name), found in sorted(
+                        defined_by.items(), key=lambda item: (SECTIONS.index(item[0][0]),
+                                                              item[0][1])))
+    return Config(models=models, roles=roles, profiles=profiles, layers=tuple(layers),
+                  origins=origins)
 
 
 def _key_path(*parts: str) -> str:

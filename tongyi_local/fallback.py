@@ -33,10 +33,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import (BackendUnavailableError, ConfigError, GeneratorClosedError, ModelError,
+from .errors import (BackendUnavailableError, ConfigError, ModelError,
                      PrivacyError, RateLimitError, RemoteConnectionError, RemoteTimeoutError,
                      ServerError)
 from .backends.aio import AsyncMixin
+from .backends.base import Closable
 from .types import Chunk, Completion, Generator, Message, PromptOrMessages, Sampling
 
 log = logging.getLogger("tongyi_local.fallback")
@@ -157,7 +158,7 @@ class _Slot:
             self._gen.close()
 
 
-class FallbackGenerator(AsyncMixin):
+class FallbackGenerator(Closable, AsyncMixin):
     """A Generator that answers from ``primary`` and falls back to ``secondary`` on failure."""
 
     def __init__(self, primary: Any, secondary: Any, *, role: str | None = None,
@@ -171,7 +172,6 @@ class FallbackGenerator(AsyncMixin):
         self.fallback_on = tuple(fallback_on)
         self.name = name or f"{self._primary.name}->{self._secondary.name}"
         self.decisions: collections.deque[FallbackDecision] = collections.deque(maxlen=100)
-        self._closed = False
         if self.privacy == LOCAL_ONLY and self._primary.peek() is not None:
             self._allowed(self._primary.peek())
 
@@ -225,23 +225,11 @@ class FallbackGenerator(AsyncMixin):
                 return True
         return False
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._primary.close()
-            self._secondary.close()
-
-    def __enter__(self) -> FallbackGenerator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _release(self) -> None:
+        self._primary.close()
+        self._secondary.close()
 
     # --- routing -----------------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._closed:
-            raise GeneratorClosedError(f"{self.name} is closed; create a new generator")
-
     def _call(self, invoke: Callable[[Any], Completion]) -> Completion:
         start = time.perf_counter()
         self._check_open()

@@ -45,6 +45,7 @@ from typing import Any, BinaryIO
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.constants import LlamaFileType
 
+from . import kv_types
 from .errors import ConfigError, ModelLoadError, ModelNotFoundError
 
 GGUF_MAGIC = b"GGUF"
@@ -686,7 +687,6 @@ _SWA_PATTERN = {"gemma2": (2, False), "gemma3": (6, False), "gemma-embedding": (
                 "gemma3n": (5, False), "cohere2": (4, False), "cohere2moe": (4, True),
                 "exaone4": (4, False), "llama4": (4, False), "olmo2": (4, False),
                 "gpt-oss": (2, False), "afmoe": (4, False), "plamo3": (8, False)}
-_KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
 
 
 def _as_header(header: GGUFHeader | str | os.PathLike[str]) -> GGUFHeader:
@@ -790,7 +790,7 @@ class MemoryEstimate:
 
 
 def _row_bytes(kv_type: str, n_elements: int) -> int:
-    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[kv_type.upper()]]
+    block, type_size = GGML_QUANT_SIZES[kv_types.ggml_type(kv_type)]
     return -(-n_elements // block) * type_size
 
 
@@ -818,8 +818,9 @@ def memory_breakdown(header: GGUFHeader | str | os.PathLike[str], n_ctx: int,
       Assumes flash attention, which llama.cpp's "auto" picks on CPU.
     Not modelled: MLA (DeepSeek) caches, recurrent-state layers.
     """
-    if kv_type.lower() not in _KV_TYPES:
-        raise ConfigError(f"kv_type must be one of {', '.join(_KV_TYPES)}, got {kv_type!r}")
+    if kv_type.lower() not in kv_types.KV_CACHE_TYPES:
+        raise ConfigError(f"kv_type must be one of {', '.join(kv_types.KV_CACHE_TYPES)}, "
+                          f"got {kv_type!r}")
     if n_ctx < 1 or n_seq < 1 or n_ubatch < 1:
         raise ConfigError(f"need n_ctx, n_seq and n_ubatch >= 1 (got {n_ctx}, {n_seq}, {n_ubatch})")
     h = _as_header(header)

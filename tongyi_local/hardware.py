@@ -74,6 +74,14 @@ class Topology:
         return tuple(sorted({c.node for c in self.cpus}))
 
     @property
+    def numa_summary(self) -> str:
+        """How many NUMA nodes and which, for people: "1 (node 0)", "2 (nodes 0, 1)"."""
+        nodes = self.numa_nodes
+        if not nodes:
+            return "unknown"
+        return f"{len(nodes)} (node{'s' if len(nodes) > 1 else ''} {', '.join(map(str, nodes))})"
+
+    @property
     def smt(self) -> bool:
         return self.logical_cpus > self.physical_cores
 

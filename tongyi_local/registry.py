@@ -2,7 +2,9 @@
 
 Agent code asks for a role, not a file: ``for_role("coder")`` returns a cheap ``RoleGenerator``
 that applies the role's system prompt and sampling, and checks the role's model out of the pool
-for each request, so the model is loaded when first needed and may be evicted while idle.
+for each request, so the model is loaded when first needed and may be evicted while idle. The
+roles are those of the models.toml layers in force where it is called: the project's file is the
+nearest ``models.toml`` from the working directory upward (see ``config``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends.base import BaseGenerator
-from .config import Config, ModelSpec, RoleSpec, load_config
+from .config import Config, ModelSpec, RoleSpec, config_layers, load_config
 from .errors import ConfigError, ModelNotFoundError
 from .pool import ModelPool
 from .types import Chunk, Generator, Message, Request, Sampling
@@ -137,19 +139,24 @@ _default_lock = threading.Lock()
 
 
 def default_registry() -> Registry:
+    """The process-wide registry for the models.toml layers in force now: after a change of
+    working directory into another project (or of $TONGYI_LOCAL_CONFIG) it holds that project's
+    roles, over the same pool of loaded models."""
     global _default
     with _default_lock:
         if _default is None:
             _default = Registry()
+        elif _default.config.layers != tuple(config_layers()):
+            _default = Registry(pool=_default.pool)
         return _default
 
 
-def for_role(role: str, *, config_path: str | Path | None = None, profile: str | None = None,
-             **_: Any) -> Generator:
+def for_role(role: str, *, config_path: str | Path | None = None,
+             profile: str | None = None) -> Generator:
     """A generator for ``role`` from the process-wide registry (or a one-off config/profile)."""
-    if config_path is None and profile is None:
-        return default_registry().for_role(role)
     registry = default_registry()
+    if config_path is None and profile is None:
+        return registry.for_role(role)
     config = load_config(config_path) if config_path else registry.config
     return Registry(config, pool=registry.pool, profile=profile).for_role(role)
 

@@ -8,8 +8,10 @@ cannot be reached here. It serves what ``huggingface_hub.file_download`` asks fo
 answered with ``X-Repo-Commit`` (the commit the revision resolves to), ``ETag`` and
 ``X-Linked-Etag`` (the file's sha256, as the hub does for LFS files), ``X-Linked-Size``,
 ``Content-Length`` and ``Accept-Ranges``; ``Range: bytes=N-`` gets a 206 with ``Content-Range``.
-Missing repos, revisions and files get 404 with the hub's ``X-Error-Code``. Faults can be
-injected: drop the connection mid-body, answer 500, or serve bytes unlike the advertised ETag.
+Missing repos, revisions and files get 404 with the hub's ``X-Error-Code``. That is all
+``hf_hub_download`` needs (a HEAD for the commit, ETag and size, then a GET of the commit's file).
+Faults can be injected: drop the connection mid-body, stall mid-body, answer 500, or serve bytes
+unlike the advertised ETag.
 Every request is recorded. The server binds port 0 and lives at most ``lifetime_s`` seconds.
 """
 

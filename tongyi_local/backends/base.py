@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Self
 
 from ..errors import BackendError, GeneratorClosedError, OutputParseError
 from ..tool_calls import check_answer
@@ -28,20 +28,40 @@ CONTENT_ENV = "TONGYI_LOCAL_LOG_CONTENT"
 _content_announced = False
 
 
-class BaseGenerator(AsyncMixin):
+class Closable:
+    """``close()`` once (it calls ``_release()``), ``with`` blocks, and the check every call makes
+    first: the lifecycle every generator shares, backends and the fallback wrapper alike."""
+
     name: str = "generator"
+    _closed = False
+
+    def _release(self) -> None:
+        """Free the generator's resources; called once by ``close``."""
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._release()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GeneratorClosedError(f"{self.name} is closed; create a new generator")
+
+
+class BaseGenerator(Closable, AsyncMixin):
     default_sampling: Sampling = Sampling()
     remote: bool = False  # True when requests leave this machine; privacy rules check it
     guarantees_schema: bool = False  # True when decoding itself enforces response_schema
 
-    _closed = False
-
     # --- what a backend provides -------------------------------------------------------------
     def _generate(self, request: Request) -> Iterator[Chunk]:
         raise NotImplementedError
-
-    def _release(self) -> None:
-        """Free the backend's resources; called once by ``close``."""
 
     # --- the Generator protocol --------------------------------------------------------------
     def complete(self, prompt: str, sampling: Sampling | None = None, **options: Any) -> Completion:
@@ -73,22 +93,7 @@ class BaseGenerator(AsyncMixin):
         self._check_open()
         return self._generate(request)
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._release()
-
-    def __enter__(self) -> BaseGenerator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # --- helpers ----------------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._closed:
-            raise GeneratorClosedError(f"{self.name} is closed; create a new generator")
-
     def _request(self, prompt: str | None, messages: tuple[Message, ...] | None,
                  sampling: Sampling | None, options: Mapping[str, Any],
                  **extras: Any) -> Request:

@@ -49,7 +49,7 @@ from ..types import Chunk, Request, Sampling
 from .aio_native import NativeAsync, PerLoop
 from .base import BaseGenerator
 from ..chat_format import with_schema_instruction
-from .remote import (NotProtocol, Secret, StreamClock, ToolCallAssembler, as_count, as_list,
+from .remote import (NotProtocol, Secret, StreamClock, StreamedAnswer, as_list,
                      as_mapping, coerce_sampling, redact, resolve_key, retry_after, short,
                      wire_messages, wire_tools)
 from .retry import RetryPolicy, aretrying_stream, retrying_stream
@@ -323,18 +323,17 @@ class DashScopeGenerator(NativeAsync, BaseGenerator):
                            f"{short(redact(str(e)), 200)})", **common)
 
 
-class _Answer:
+class _Answer(StreamedAnswer):
     """What one DashScope answer has accumulated from the SDK's stream events: the one parser,
     fed by the sync and the async attempt alike. ``rejected`` turns an event with a non-200
     status into the exception to raise."""
 
+    PROMPT_KEY = "input_tokens"
+    COMPLETION_KEY = "output_tokens"
+
     def __init__(self, start: float, rejected: Callable[[Any], RemoteError]) -> None:
-        self.clock = StreamClock(start)
+        super().__init__(StreamClock(start))
         self.rejected = rejected
-        self.tools = ToolCallAssembler()
-        self.parts: list[str] = []
-        self.usage: Mapping[str, Any] = {}
-        self.raw_finish: object = None
         self.request_id: str | None = None
 
     def take(self, rsp: Any) -> str:
@@ -348,19 +347,7 @@ class _Answer:
             self.clock.piece()
         if fin not in (None, "", "null"):
             self.raw_finish = fin
-        if text:
-            self.clock.piece()
-            self.parts.append(text)
-        return text
-
-    def completion(self, model: str) -> Any:
-        details = as_mapping(self.usage.get("prompt_tokens_details"), "prompt_tokens_details")
-        return self.clock.completion(
-            text="".join(self.parts), raw_finish=self.raw_finish, tool_calls=self.tools.calls(),
-            prompt_tokens=as_count(self.usage.get("input_tokens"), "input_tokens"),
-            completion_tokens=as_count(self.usage.get("output_tokens"), "output_tokens"),
-            cached_tokens=as_count(details.get("cached_tokens"), "cached_tokens") or 0,
-            model=model)
+        return self.add_text(text) if text else text
 
 
 def _raised_in_sdk(exc: BaseException) -> bool:

@@ -2,15 +2,14 @@
 
 The only module that loads models for generation. Why low-level: the high-level ``Llama.generate``
 loses ~12% of decode speed to Python and handles one sequence at a time. Here a ``BatchEngine``
-(``engine.py``) owns the context and decodes every running request in one ``llama_decode`` per
+(``_engine.py``) owns the context and decodes every running request in one ``llama_decode`` per
 step (continuous batching over ``slots`` sequences, prompt prefixes shared through the KV cache);
 this module loads the model, makes the context, turns requests into token lists and hands back a
-``Stream`` per request. Each request's sampling state is a ``Sequence`` (``sequence.py``).
+``Stream`` per request. Each request's sampling state is a ``Sequence`` (``_sequence.py``).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import ctypes
 import functools
@@ -23,63 +22,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import chat_format
-from ..errors import (BackendError, BackendUnavailableError, ContextOverflowError,
-                      InvalidRequestError, ModelLoadError)
+from ..errors import BackendError, ContextOverflowError, InvalidRequestError, ModelLoadError
 from ..gguf_header import GGUFHeader, read_header
 from ..hardware import ThreadPlan, apply_pinning, this_machine_plan
+from ..kv_types import KV_CACHE_TYPES, ggml_type
 from ..tool_calls import OPEN, AnswerShaper
 from ..types import Chunk, Completion, Message, Request, Sampling
 from .base import BaseGenerator
-from .engine import BatchEngine
-from .jobs import Job, Stream
-from .sequence import Sequence
-
-try:
-    import llama_cpp as L
-except ImportError:  # pragma: no cover - exercised only without the runtime
-    L = None
+from ._engine import BatchEngine
+from ._jobs import Job, Stream
+from ._sequence import Sequence
+from .runtime import L, captured, ensure_runtime
 
 log = logging.getLogger("tongyi_local.llama")
-_runtime_lock = threading.Lock()
-_runtime_ready = False
-_recent_problems: collections.deque[str] = collections.deque(maxlen=12)
-# ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line.
-_LEVEL = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
-_last_level = [logging.DEBUG]
-
-
-def _on_llama_log(level: int, text: bytes, _user: object) -> None:
-    py_level = _last_level[0] if level == 5 else _LEVEL.get(level, logging.DEBUG)
-    _last_level[0] = py_level
-    line = text.decode("utf-8", errors="replace").rstrip()
-    if not line:
-        return
-    if py_level >= logging.WARNING:
-        _recent_problems.append(line)
-    log.log(py_level, "%s", line)
-
-
-_log_callback = L.llama_log_callback(_on_llama_log) if L else None
-
-
-def _ensure_runtime() -> None:
-    """Initialise llama.cpp once and route its logging into ``logging`` (not stderr)."""
-    global _runtime_ready
-    if L is None:
-        raise BackendUnavailableError(
-            "llama-cpp-python is not installed in this environment; run ./bootstrap.sh run "
-            "or `python -m tongyi_local.build` to build it from the CMake preset")
-    with _runtime_lock:
-        if not _runtime_ready:
-            L.llama_log_set(_log_callback, ctypes.c_void_p(0))
-            L.llama_backend_init()
-            _runtime_ready = True
-
-
-def system_info() -> str:
-    """llama.cpp's own report of the SIMD features this build uses."""
-    _ensure_runtime()
-    return L.llama_print_system_info().decode("utf-8", errors="replace")
 
 
 @dataclass(frozen=True)
@@ -101,11 +56,6 @@ class SlotState:
     id: int
     busy: bool
     cached_tokens: int  # tokens whose KV state the slot holds (kept after a request for reuse)
-
-
-# llama.cpp's KV cache element types, by the names models.toml uses (ggml_type values).
-KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8,
-                  "iq4_nl": 20, "bf16": 30}
 
 
 def _free(ctx: object, model: object) -> None:
@@ -152,7 +102,7 @@ class LlamaGenerator(BaseGenerator):
             raise InvalidRequestError(f"kv_cache_type must be one of "
                                       f"{', '.join(KV_CACHE_TYPES)} (got {kv_cache_type!r})")
         header = read_header(model_path)  # rejects bad files before llama.cpp sees them
-        _ensure_runtime()
+        ensure_runtime()
         self._use_lock = threading.RLock()  # close() waits for users of the model's memory
         self.path = header.path
         self.name = name or self.path.stem
@@ -162,7 +112,7 @@ class LlamaGenerator(BaseGenerator):
         apply_pinning(self.thread_plan)
         self._model = self._load_model(mmap, mlock)
         self._ctx = self._new_context(n_ctx, n_batch, n_ubatch, slots,
-                                      KV_CACHE_TYPES[kv_cache_type])
+                                      ggml_type(kv_cache_type).value)
         self._vocab = L.llama_model_get_vocab(self._model)
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
         self._n_ctx = L.llama_n_ctx_seq(self._ctx)  # unified: the whole cache, for one request
@@ -171,7 +121,7 @@ class LlamaGenerator(BaseGenerator):
             self._engine = BatchEngine(
                 self._ctx, self._vocab, n_vocab=self._n_vocab, n_ctx=self._n_ctx,
                 n_batch=L.llama_n_batch(self._ctx), n_slots=slots,
-                reuse_prefix=reuse_prompt_prefix, name=self.name, explain=_llama_reason,
+                reuse_prefix=reuse_prompt_prefix, name=self.name,
                 on_exit=functools.partial(_free, self._ctx, self._model))
         except BaseException:
             _free(self._ctx, self._model)
@@ -206,10 +156,10 @@ class LlamaGenerator(BaseGenerator):
         params = L.llama_model_default_params()
         params.load_mode = {(True, False): 1, (False, False): 0,
                             (True, True): 3, (False, True): 2}[(mmap, mlock)]
-        _recent_problems.clear()
-        model = L.llama_model_load_from_file(str(self.path).encode(), params)
+        with captured() as capture:
+            model = L.llama_model_load_from_file(str(self.path).encode(), params)
         if not model:
-            raise ModelLoadError(self.path, _llama_reason("llama.cpp could not load the model"))
+            raise ModelLoadError(self.path, capture.reason("llama.cpp could not load the model"))
         return model
 
     def _new_context(self, n_ctx: int | None, n_batch: int, n_ubatch: int, slots: int,
@@ -229,10 +179,11 @@ class LlamaGenerator(BaseGenerator):
         params.n_threads = self.thread_plan.threads
         params.n_threads_batch = self.thread_plan.batch_threads
         params.no_perf = True
-        ctx = L.llama_init_from_model(self._model, params)
+        with captured() as capture:
+            ctx = L.llama_init_from_model(self._model, params)
         if not ctx:
             L.llama_model_free(self._model)
-            raise ModelLoadError(self.path, _llama_reason(
+            raise ModelLoadError(self.path, capture.reason(
                 f"could not create a context of {params.n_ctx} tokens (out of memory?)"))
         return ctx
 
@@ -312,14 +263,15 @@ class LlamaGenerator(BaseGenerator):
         return self._grammar_sampler(text, lazy=choice.mode == "auto")
 
     def _grammar_sampler(self, grammar: str, *, lazy: bool = False) -> object:
-        if lazy:  # constrain from the first "<tool_call>" on; free text before it
-            patterns = (ctypes.c_char_p * 1)(f"[\\s\\S]*?({OPEN}[\\s\\S]*)".encode())
-            sampler = L.llama_sampler_init_grammar_lazy_patterns(
-                self._vocab, grammar.encode(), b"root", patterns, 1, None, 0)
-        else:
-            sampler = L.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        with captured() as capture:
+            if lazy:  # constrain from the first "<tool_call>" on; free text before it
+                patterns = (ctypes.c_char_p * 1)(f"[\\s\\S]*?({OPEN}[\\s\\S]*)".encode())
+                sampler = L.llama_sampler_init_grammar_lazy_patterns(
+                    self._vocab, grammar.encode(), b"root", patterns, 1, None, 0)
+            else:
+                sampler = L.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
         if not sampler:
-            raise InvalidRequestError(_llama_reason(
+            raise InvalidRequestError(capture.reason(
                 f"{self.name}: llama.cpp rejected the grammar built for this request"))
         return sampler
 
@@ -377,11 +329,6 @@ def _builtin_template_for(header: GGUFHeader) -> bytes:
     if arch.startswith("gemma"):
         return b"gemma"
     return b"chatml"  # Qwen and Tongyi models speak ChatML
-
-
-def _llama_reason(default: str) -> str:
-    problems = [line for line in _recent_problems if line]
-    return "; ".join(problems[-3:]) if problems else default
 
 
 def tokenize(vocab: object, text: str, *, add_special: bool, parse_special: bool) -> list[int]:

@@ -48,7 +48,7 @@ from ..errors import (AuthenticationError, ConfigError, InvalidRequestError, Rat
 from ..types import Chunk, Request, Sampling
 from .aio_native import NativeAsync, PerLoop
 from .base import BaseGenerator
-from .remote import (NotProtocol, Secret, StreamClock, ToolCallAssembler, as_count, as_list,
+from .remote import (NotProtocol, Secret, StreamClock, StreamedAnswer, as_list,
                      as_mapping, coerce_sampling, redact, resolve_key, retry_after, short,
                      wire_messages, wire_tools)
 from .retry import RetryPolicy, aretrying_stream, retrying_stream
@@ -302,7 +302,7 @@ class _Call:
     start: float  # when the caller asked: TTFT counts retries too
 
 
-class _StreamState:
+class _StreamState(StreamedAnswer):
     """What one answer has accumulated: text, tool calls, finish reason, usage, server timings.
 
     The one parser of the protocol: the sync and async attempts only read lines and hand them
@@ -310,13 +310,8 @@ class _StreamState:
     """
 
     def __init__(self, clock: StreamClock, on_error: Callable[[Any], Exception]) -> None:
-        self.clock = clock
+        super().__init__(clock)
         self.on_error = on_error
-        self.tools = ToolCallAssembler()
-        self.parts: list[str] = []
-        self.raw_finish: object = None
-        self.usage: Mapping[str, Any] = {}
-        self.timings: Mapping[str, Any] | None = None
         self.done = False
 
     def feed(self, line: str) -> Chunk | None:
@@ -360,18 +355,7 @@ class _StreamState:
             text = choice.get("text")
         if not isinstance(text, str) or not text:
             return ""
-        self.clock.piece()
-        self.parts.append(text)
-        return text
-
-    def completion(self, model: str):
-        details = as_mapping(self.usage.get("prompt_tokens_details"), "prompt_tokens_details")
-        return self.clock.completion(
-            text="".join(self.parts), raw_finish=self.raw_finish, tool_calls=self.tools.calls(),
-            prompt_tokens=as_count(self.usage.get("prompt_tokens"), "prompt_tokens"),
-            completion_tokens=as_count(self.usage.get("completion_tokens"), "completion_tokens"),
-            cached_tokens=as_count(details.get("cached_tokens"), "cached_tokens") or 0,
-            model=model, server_timings=self.timings)
+        return self.add_text(text)
 
 
 def _sse_data(line: str) -> str | None:

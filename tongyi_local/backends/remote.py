@@ -158,6 +158,38 @@ class StreamClock:
                           usage=usage, timings=timings, model=model, tool_calls=tool_calls)
 
 
+class StreamedAnswer:
+    """What one remote answer has accumulated from its stream: text pieces, tool calls, finish
+    reason, usage and (from llama.cpp's server) its own timings. Each protocol's parser fills
+    it from its own events and names its usage keys; the final ``Completion`` is made here."""
+
+    PROMPT_KEY = "prompt_tokens"
+    COMPLETION_KEY = "completion_tokens"
+
+    def __init__(self, clock: StreamClock) -> None:
+        self.clock = clock
+        self.tools = ToolCallAssembler()
+        self.parts: list[str] = []
+        self.raw_finish: object = None
+        self.usage: Mapping[str, Any] = {}
+        self.timings: Mapping[str, Any] | None = None
+
+    def add_text(self, text: str) -> str:
+        """Keep a new piece of text (timed as a streamed piece); return it."""
+        self.clock.piece()
+        self.parts.append(text)
+        return text
+
+    def completion(self, model: str) -> Completion:
+        details = as_mapping(self.usage.get("prompt_tokens_details"), "prompt_tokens_details")
+        return self.clock.completion(
+            text="".join(self.parts), raw_finish=self.raw_finish, tool_calls=self.tools.calls(),
+            prompt_tokens=as_count(self.usage.get(self.PROMPT_KEY), self.PROMPT_KEY),
+            completion_tokens=as_count(self.usage.get(self.COMPLETION_KEY), self.COMPLETION_KEY),
+            cached_tokens=as_count(details.get("cached_tokens"), "cached_tokens") or 0,
+            model=model, server_timings=self.timings)
+
+
 class Secret:
     """Holds an API key so that repr(), str() and vars() dumps show ``***``, never the key."""
 

@@ -63,9 +63,6 @@ class CostRow:
     machines: int
     cheaper: str  # "local" or "api"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def monthly_cost(inputs: CostInputs, tokens_per_month: int) -> CostRow:
     if tokens_per_month < 0:

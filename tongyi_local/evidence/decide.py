@@ -11,10 +11,14 @@ success rate is >= 90 %.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+from .cost import break_even_tokens
+
+if TYPE_CHECKING:
+    from .results import Evidence
 
 
 @dataclass(frozen=True)
@@ -41,27 +45,35 @@ class Rules:
 
 @dataclass(frozen=True)
 class Candidate:
+    """One model file's figures joined across sections: speed, memory, quality, tasks, cost."""
+
     model: str
     family: str  # the reference it was compared with (itself when unmeasured)
     file_type: str
     size_bytes: int
     n_params: int
     decode_tps: float | None
+    peak_rss_mib: float | None
     top1_agreement: float | None
     kld_mean: float | None
-    success_rate: float | None
+    ppl: float | None
+    success_rate: float | None  # over the role's tasks (all its tasks in the per-model rows)
+    break_even_tokens: float | None = None  # per month, at this file's speed and the run's prices
 
 
 @dataclass(frozen=True)
 class Recommendation:
     role: str
-    model: str
-    file_type: str
+    chosen: Candidate
     reasons: tuple[str, ...]
-    figures: dict[str, Any]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @property
+    def model(self) -> str:
+        return self.chosen.model
+
+    @property
+    def file_type(self) -> str:
+        return self.chosen.file_type
 
 
 def _pct(x: float | None) -> str:
@@ -72,29 +84,35 @@ def _tps(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1f} t/s"
 
 
-def candidates(evidence: dict[str, Any], role: str) -> list[Candidate]:
-    """Join speed, quality and task rows by model name into one record per file."""
-    speed: dict[str, dict] = {}
-    for r in evidence.get("speed", []):
-        best = speed.get(r["model"])
-        if best is None or r["decode_tps"] > best["decode_tps"]:
-            speed[r["model"]] = r
-    quality = {q["model"]: q for q in evidence.get("quality", [])}
+def candidates(evidence: Evidence, role: str | None = None) -> list[Candidate]:
+    """Join speed (the fastest row), quality and task rows by model name into one record per
+    file: the models with tasks of ``role`` when any ran, else every model measured."""
+    speed = {}
+    for r in evidence.speed:
+        if r.model not in speed or r.decode_tps > speed[r.model].decode_tps:
+            speed[r.model] = r
+    quality = {q.model: q for q in evidence.quality}
     tasks: dict[str, list[float]] = {}
-    for t in evidence.get("tasks", []):
-        if t["role"] == role:
-            tasks.setdefault(t["model"], []).append(t["success_rate"])
-    names = list(tasks) or list(dict.fromkeys(list(speed) + list(quality)))
+    for t in evidence.tasks:
+        if role in (None, t.role):
+            tasks.setdefault(t.model, []).append(t.success_rate)
+    names = (list(tasks) if role is not None else []) or list(
+        dict.fromkeys([*speed, *quality, *tasks]))
+    prices = evidence.cost.inputs if evidence.cost else None
     out = []
     for name in names:
-        s, q = speed.get(name, {}), quality.get(name, {})
-        family = q.get("reference", name).removesuffix(".gguf")
+        s, q = speed.get(name), quality.get(name)
         out.append(Candidate(
-            model=name, family=family, file_type=s.get("file_type") or q.get("file_type", "?"),
-            size_bytes=s.get("size_bytes") or q.get("size_bytes", 0), n_params=s.get("n_params", 0),
-            decode_tps=s.get("decode_tps"), top1_agreement=q.get("top1_agreement"),
-            kld_mean=q.get("kld_mean"),
-            success_rate=sum(tasks[name]) / len(tasks[name]) if name in tasks else None))
+            model=name, family=q.reference.removesuffix(".gguf") if q else name,
+            file_type=s.file_type if s else q.file_type if q else "?",
+            size_bytes=s.size_bytes if s else q.size_bytes if q else 0,
+            n_params=s.n_params if s else 0, decode_tps=s.decode_tps if s else None,
+            peak_rss_mib=s.peak_rss_mib if s else None,
+            top1_agreement=q.top1_agreement if q else None, kld_mean=q.kld_mean if q else None,
+            ppl=q.ppl if q else None,
+            success_rate=sum(tasks[name]) / len(tasks[name]) if name in tasks else None,
+            break_even_tokens=break_even_tokens(replace(prices, tokens_per_s=s.decode_tps))
+            if prices and s and s.decode_tps > 0 else None))
     return out
 
 
@@ -136,12 +154,12 @@ def choose_quant(family: list[Candidate], role: str, rules: Rules) -> tuple[Cand
     return chosen, reasons
 
 
-def recommend(evidence: dict[str, Any], roles: list[str] | None = None,
+def recommend(evidence: Evidence, roles: list[str] | None = None,
               rules: Rules | None = None) -> list[Recommendation]:
     """One recommendation per role, each with the figures and reasons it rests on."""
     rules = rules or Rules()
     if roles is None:
-        roles = sorted({t["role"] for t in evidence.get("tasks", [])}) or ["default"]
+        roles = sorted({t.role for t in evidence.tasks}) or ["default"]
     out = []
     for role in roles:
         cands = candidates(evidence, role)
@@ -167,7 +185,5 @@ def recommend(evidence: dict[str, Any], roles: list[str] | None = None,
             reasons.append(f"no smaller model reaches {_pct(rules.smaller_model_min_success)} "
                            f"task success: keep the largest, {picks[largest][0].model}")
         chosen, quant_reasons = picks[chosen_family]
-        figures = {k: v for k, v in asdict(chosen).items() if k != "family"}
-        out.append(Recommendation(role=role, model=chosen.model, file_type=chosen.file_type,
-                                  reasons=tuple(quant_reasons + reasons), figures=figures))
+        out.append(Recommendation(role=role, chosen=chosen, reasons=tuple(quant_reasons + reasons)))
     return out

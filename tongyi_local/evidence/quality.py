@@ -16,15 +16,22 @@ import math
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import numpy as np
 
-from ..backends.llama_quality import LogitsEvaluator
+from ..backends.logits import LogitsEvaluator
 from ..errors import EvidenceError
 
 _ROWS = 32  # positions processed at once: bounds memory on 150k-262k vocabularies
+
+
+def default_corpus() -> Traversable:
+    """The packaged CC0 corpus (``corpus/README.md``): present in a wheel install as in a checkout."""
+    return files(__package__) / "corpus" / "corpus.txt"
 
 
 @dataclass(frozen=True)
@@ -46,9 +53,6 @@ class QualityResult:
     top1_agreement: float
     ppl: float
     ppl_reference: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -184,9 +188,29 @@ KLD_REL_TOLERANCE = 0.01
 TOP1_TOLERANCE = 0.005
 
 
+@dataclass(frozen=True)
+class CrossCheck:
+    """This module's figures against llama-perplexity's on one pair, and whether they agree."""
+
+    pair: str
+    n_ctx: int
+    chunks: int
+    tokens: int
+    ours_kld_mean: float
+    llama_kld_mean: float
+    ours_kld_p99: float
+    llama_kld_p99: float | None
+    ours_top1: float
+    llama_top1: float
+    ours_ppl: float
+    llama_ppl: float
+    tolerance: float
+    within: bool
+
+
 def crosscheck(reference: str | Path, candidate: str | Path, corpus: str | Path, *,
                binary: Path, n_ctx: int = 256, chunks: int = 4,
-               threads: int | None = None) -> dict:
+               threads: int | None = None) -> CrossCheck:
     """This module's KLD and top-1 vs ``llama-perplexity --kl-divergence`` on the same pair."""
     from ..hardware import this_machine_plan
     from .tools import llama_perplexity_kld
@@ -200,9 +224,9 @@ def crosscheck(reference: str | Path, candidate: str | Path, corpus: str | Path,
     tolerance = KLD_ABS_TOLERANCE + KLD_REL_TOLERANCE * theirs.kld_mean
     within = (abs(ours.kld_mean - theirs.kld_mean) <= tolerance
               and abs(ours.top1_agreement - theirs.top1_agreement) <= TOP1_TOLERANCE)
-    return {"pair": f"{Path(candidate).stem} vs {Path(reference).stem}", "n_ctx": n_ctx,
-            "chunks": chunks, "tokens": ours.tokens, "ours_kld_mean": ours.kld_mean,
-            "llama_kld_mean": theirs.kld_mean, "ours_kld_p99": ours.kld_p99,
-            "llama_kld_p99": theirs.kld_p99, "ours_top1": ours.top1_agreement,
-            "llama_top1": theirs.top1_agreement, "ours_ppl": ours.ppl, "llama_ppl": theirs.ppl,
-            "tolerance": tolerance, "within": within}
+    return CrossCheck(pair=f"{Path(candidate).stem} vs {Path(reference).stem}", n_ctx=n_ctx,
+                      chunks=chunks, tokens=ours.tokens, ours_kld_mean=ours.kld_mean,
+                      llama_kld_mean=theirs.kld_mean, ours_kld_p99=ours.kld_p99,
+                      llama_kld_p99=theirs.kld_p99, ours_top1=ours.top1_agreement,
+                      llama_top1=theirs.top1_agreement, ours_ppl=ours.ppl, llama_ppl=theirs.ppl,
+                      tolerance=tolerance, within=within)

@@ -1,8 +1,10 @@
-"""The evidence file: every figure of a run in one JSON document, mergeable across runs.
+"""The evidence document: every figure of a run, typed, and its one JSON form.
 
-Why one document: the report, the recommendation and ``--compare`` all read the same figures,
-and a run on a user's server can be sent, merged and compared without re-running anything.
-Rows are plain dicts (the dataclasses' ``to_dict``), so old files stay readable as fields grow.
+Why one document: the report, the recommendation, ``--compare`` and ``cost --results`` all read
+the same figures, and a run on a user's server can be sent, merged and compared without running
+anything again. In memory it is dataclasses end to end; ``save`` writes ``SuiteResult.to_json()``
+and ``load`` / ``from_json`` is the only reader (``jsonio``), so a bad file fails in one place,
+naming the file and the field.
 """
 
 from __future__ import annotations
@@ -11,56 +13,102 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import EvidenceError
+from .cost import CostInputs, CostRow
+from .decide import Candidate, Recommendation, Rules
+from .jsonio import parse, to_json
+from .quality import CrossCheck, QualityResult
+from .regressions import Regression
+from .roofline import Roofline
+from .speed import SpeedRow, Stamp
+from .sweep import PresetPoint, SweepPoint
+from .tasks import TaskResult
 
-VERSION = 1
-LISTS = ("speed", "quality", "tasks", "roofline", "thread_sweep", "presets", "crosscheck",
-         "quantized")
-
-
-def new_evidence(**sections: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {"version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    for key in LISTS:
-        data[key] = []
-    data.update({k: _as_dict(v) for k, v in sections.items() if v is not None})
-    return data
-
-
-def _as_dict(row: Any) -> Any:
-    """JSON-shaped (tuples become lists): the document in memory equals the one on disk."""
-    if hasattr(row, "to_dict"):
-        row = row.to_dict()
-    elif is_dataclass(row):
-        row = asdict(row)
-    return json.loads(json.dumps(row, default=str))
+# 1: the flat document of earlier releases (measurements at the top level), still read.
+VERSION = 2
 
 
-def add(data: dict[str, Any], section: str, rows: Any) -> dict[str, Any]:
-    """Append rows (dataclasses or dicts) to a list section, or set a dict section."""
-    if section in LISTS:
-        data.setdefault(section, []).extend(_as_dict(r) for r in rows)
-    else:
-        data[section] = _as_dict(rows)
-    return data
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def merge(*documents: dict[str, Any]) -> dict[str, Any]:
-    """Lists are concatenated (later runs after earlier ones); other keys: the last one wins."""
-    out = new_evidence()
-    for doc in documents:
-        for key, value in doc.items():
-            if key in LISTS:
-                out[key].extend(value or [])
-            elif key not in ("version", "created"):
-                out[key] = value
-    return out
+@dataclass(frozen=True)
+class CostPlan:
+    """The prices a run was costed with, at the throughput of ``model``."""
+
+    inputs: CostInputs
+    model: str | None = None
 
 
-def load_evidence(path: str | os.PathLike[str]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Evidence:
+    """What was measured: rows per section, each a dataclass of its measuring module."""
+
+    created: str = field(default_factory=_now)
+    stamp: Stamp | None = None
+    speed: tuple[SpeedRow, ...] = ()
+    roofline: tuple[Roofline, ...] = ()
+    thread_sweep: tuple[SweepPoint, ...] = ()
+    presets: tuple[PresetPoint, ...] = ()
+    quality: tuple[QualityResult, ...] = ()
+    crosscheck: tuple[CrossCheck, ...] = ()
+    tasks: tuple[TaskResult, ...] = ()
+    cost: CostPlan | None = None
+
+
+@dataclass(frozen=True)
+class CostSummary:
+    plan: CostPlan
+    break_even_tokens: float | None
+    table: tuple[CostRow, ...]
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    """The measurements and what follows from them: one row per model file, the decision per
+    role under ``rules``, the cost table, and regressions against a previous run (None: none
+    compared)."""
+
+    evidence: Evidence
+    models: tuple[Candidate, ...]
+    decision: tuple[Recommendation, ...]
+    rules: Rules
+    cost: CostSummary | None = None
+    regressions: tuple[Regression, ...] | None = None
+    version: int = VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-shaped (tuples become lists), exactly what ``save`` writes."""
+        return to_json(self)
+
+
+def merge(*documents: Evidence) -> Evidence:
+    """Rows are concatenated (later runs after earlier ones); stamp and cost: the last one set."""
+    def last(name: str) -> Any:
+        return next((getattr(d, name) for d in reversed(documents) if getattr(d, name)), None)
+
+    rows = {name: tuple(r for d in documents for r in getattr(d, name))
+            for name in ("speed", "roofline", "thread_sweep", "presets", "quality", "crosscheck",
+                         "tasks")}
+    return Evidence(stamp=last("stamp"), cost=last("cost"), **rows)
+
+
+def from_json(data: Any, source: str = "the evidence document") -> SuiteResult:
+    """The one reader of evidence files: EvidenceError names the file and the bad field."""
+    if isinstance(data, dict) and data.get("version") == 1:  # flat: only the measurements
+        data = {"evidence": data, "models": [], "decision": [], "rules": {}, "version": VERSION}
+    if not isinstance(data, dict) or data.get("version") != VERSION or "evidence" not in data:
+        raise EvidenceError(f"{source} is not a tongyi-local evidence file (version {VERSION}); "
+                            "produce one with `tongyi-local bench --json` or benchmarks/evidence.py")
+    return parse(SuiteResult, data, source, "write it again with `tongyi-local bench --json` or "
+                 "benchmarks/evidence.py")
+
+
+def load(path: str | os.PathLike[str]) -> SuiteResult:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -68,22 +116,17 @@ def load_evidence(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise EvidenceError(f"results file not found: {path}")
     except (OSError, ValueError) as exc:
         raise EvidenceError(f"cannot read results file {path}: {exc}") from exc
-    if not isinstance(data, dict) or data.get("version") != VERSION:
-        raise EvidenceError(f"{path} is not a tongyi-local evidence file (version {VERSION}); "
-                            "produce one with `tongyi-local bench --json` or benchmarks/evidence.py")
-    for key in LISTS:
-        data.setdefault(key, [])
-    return data
+    return from_json(data, str(path))
 
 
-def save_evidence(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+def save(result: SuiteResult, path: str | os.PathLike[str]) -> Path:
     """Written beside the target and renamed: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=str)
+            json.dump(result.to_json(), fh, indent=2)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,9 +89,6 @@ class Roofline:
     percent_of_bound: float | None
     expert_fraction: float | None
     bandwidth_gb_per_s: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def roofline(path: str | Path, bandwidth: Bandwidth, measured_decode_tps: float | None = None,

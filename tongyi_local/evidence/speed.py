@@ -10,17 +10,17 @@ different machines or builds are never compared unknowingly.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import EvidenceError
+from .jsonio import parse, to_json
 
 # (label, prompt length in characters of corpus text, tokens to generate). Every prompt starts
 # with a distinct request number, so no request reuses another's cached prompt prefix.
@@ -51,7 +51,7 @@ class Stamp:
 
 def stamp(threads: int | None = None, pin: bool = True) -> Stamp:
     from .. import build, hardware
-    from ..backends.llama_quality import build_commit
+    from ..backends.runtime import build_commit
 
     topo = hardware.read_topology()
     plan = hardware.this_machine_plan(threads=threads, pin=pin)
@@ -83,9 +83,6 @@ class SpeedRow:
     peak_rss_mib: float
     cpu_utilisation: float  # CPU time / (wall time x threads) over the request mix
     stamp: Stamp
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -154,45 +151,54 @@ def measure(path: str | Path, *, threads: int | None = None, pin: bool = True, n
         cpu_utilisation=cpu / (wall * st.threads) if wall else 0.0, stamp=st)
 
 
-def row_from_dict(data: dict) -> SpeedRow:
-    st = dict(data["stamp"])
-    st["pinned_cpus"] = tuple(st["pinned_cpus"]) if st.get("pinned_cpus") else None
-    st["plan_notes"] = tuple(st.get("plan_notes", ()))
-    return SpeedRow(**{**data, "stamp": Stamp(**st)})
+@dataclass(frozen=True)
+class _Job:
+    """What ``run_isolated`` asks its child process to measure."""
+
+    path: str
+    threads: int | None
+    pin: bool
+    n_ctx: int
+    mix: tuple[tuple[str, int, int], ...]
+    rounds: int
+    name: str | None
 
 
 def run_isolated(path: str | Path, *, threads: int | None = None, pin: bool = True,
                  n_ctx: int = 2048, mix: tuple[tuple[str, int, int], ...] = DEFAULT_MIX,
                  rounds: int = 2, name: str | None = None, timeout: float = 3600) -> SpeedRow:
-    """``measure`` in a fresh interpreter: clean load time, peak RSS and affinity per row."""
-    spec = {"path": str(path), "threads": threads, "pin": pin, "n_ctx": n_ctx,
-            "mix": [list(m) for m in mix], "rounds": rounds, "name": name}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parents[2])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    """``measure`` in a fresh interpreter: clean load time, peak RSS and affinity per row.
+
+    The child runs this module from the installed package (``python -m``, same interpreter and
+    environment), so it needs no source checkout.
+    """
+    job = _Job(path=str(path), threads=threads, pin=pin, n_ctx=n_ctx, mix=mix, rounds=rounds,
+               name=name)
     try:
-        run = subprocess.run([sys.executable, "-m", "tongyi_local.evidence.speed", json.dumps(spec)],
-                             capture_output=True, text=True, timeout=timeout, env=env)
+        run = subprocess.run([sys.executable, "-m", "tongyi_local.evidence.speed",
+                              json.dumps(to_json(job))],
+                             capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise EvidenceError(f"speed run of {Path(path).name} took over {timeout:.0f} s")
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     if run.returncode != 0 or not lines:
         tail = "\n".join(run.stderr.splitlines()[-5:])
         raise EvidenceError(f"speed run of {Path(path).name} failed (exit {run.returncode}): {tail}")
-    return row_from_dict(json.loads(lines[-1]))
+    return parse(SpeedRow, json.loads(lines[-1]), f"the speed run of {Path(path).name}",
+                 "the child printed a row this version cannot read")
 
 
 def _worker(argv: list[str]) -> int:
-    spec = json.loads(argv[0])
     from ..errors import TongyiError
 
     try:
-        row = measure(spec["path"], threads=spec["threads"], pin=spec["pin"], n_ctx=spec["n_ctx"],
-                      mix=tuple(tuple(m) for m in spec["mix"]), rounds=spec["rounds"],
-                      name=spec["name"])
+        job = parse(_Job, json.loads(argv[0]), "the speed job", "run it through run_isolated")
+        row = measure(job.path, threads=job.threads, pin=job.pin, n_ctx=job.n_ctx, mix=job.mix,
+                      rounds=job.rounds, name=job.name)
     except TongyiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(row.to_dict()))
+    print(json.dumps(to_json(row)))
     return 0
 
 

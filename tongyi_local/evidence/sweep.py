@@ -9,7 +9,7 @@ built with the preset the setup chose.
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .speed import DEFAULT_MIX, SpeedRow, run_isolated
@@ -25,9 +25,6 @@ class SweepPoint:
     prompt_ratio: float  # against the default point
     decode_ratio: float
     is_default: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def thread_counts(physical: int, logical: int) -> list[int]:
@@ -77,9 +74,6 @@ class PresetPoint:
     tg_ratio: float
     is_default: bool
     build_commit: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def preset_comparison(model: str | Path, *, presets: tuple[str, ...] = ("zen4", "avx2", "native"),

@@ -9,7 +9,7 @@ answer). Run over several sampled iterations, the figure that decides is the suc
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ..types import Generator
 
@@ -78,9 +78,6 @@ class TaskResult:
     mean_chars: float
     similarity: float | None  # mean cosine similarity to the reference answer
     missing: dict[str, int] = field(default_factory=dict)  # keyword -> iterations it was absent
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -347,9 +347,10 @@ def _converter() -> type:
     try:
         from llama_cpp.llama_grammar import SchemaConverter
     except ImportError as exc:  # pragma: no cover - exercised only without the runtime
+        from ..build import BUILD_HINT
         from ..errors import BackendUnavailableError
         raise BackendUnavailableError("llama-cpp-python is not installed; constrained decoding "
-                                      "needs it (./bootstrap.sh builds it)") from exc
+                                      f"needs it: {BUILD_HINT}") from exc
 
     class SchemaGrammarConverter(_GrammarWriter, SchemaConverter):
         """llama.cpp's converter with integer bounds and the fixes listed in the module doc."""

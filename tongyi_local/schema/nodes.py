@@ -24,22 +24,22 @@ class _Never(_Node):
 
 @dataclass(frozen=True)
 class _AnyValue(_Node):
-    pass
+    """``true`` or ``{}``: any JSON value."""
 
 
 @dataclass(frozen=True)
 class _AnyObject(_Node):
-    pass
+    """``{"type": "object"}`` with no other constraint: any object."""
 
 
 @dataclass(frozen=True)
 class _Null(_Node):
-    pass
+    """``null``."""
 
 
 @dataclass(frozen=True)
 class _Boolean(_Node):
-    pass
+    """``true`` or ``false``."""
 
 
 @dataclass(frozen=True)

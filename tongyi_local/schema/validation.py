@@ -46,10 +46,10 @@ def _format_checker() -> Any:
     import jsonschema
 
     checker = jsonschema.FormatChecker()
-    checker.checks("date")(_is_date)
-    checker.checks("time")(_is_time)
-    checker.checks("date-time")(_is_date_time)
-    checker.checks("uuid")(_is_uuid)
+    for name, check in (("date", _is_date), ("time", _is_time), ("date-time", _is_date_time),
+                        ("uuid", _is_uuid)):
+        # a format constrains strings only; any other value passes it (JSON Schema's rule)
+        checker.checks(name)(lambda value, check=check: not isinstance(value, str) or check(value))
     return checker
 
 
@@ -59,11 +59,9 @@ _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]
                       r"[0-9a-fA-F]{12}")
 
 
-def _is_date(value: object) -> bool:
+def _is_date(value: str) -> bool:
     import datetime
 
-    if not isinstance(value, str):
-        return True
     match = _DATE_RE.fullmatch(value)
     if not match:
         return False
@@ -74,9 +72,7 @@ def _is_date(value: object) -> bool:
     return True
 
 
-def _is_time(value: object) -> bool:
-    if not isinstance(value, str):
-        return True
+def _is_time(value: str) -> bool:
     match = _TIME_RE.fullmatch(value)
     if not match:
         return False
@@ -88,14 +84,12 @@ def _is_time(value: object) -> bool:
     return True
 
 
-def _is_date_time(value: object) -> bool:
-    if not isinstance(value, str):
-        return True
+def _is_date_time(value: str) -> bool:
     return len(value) > 11 and value[10] in "Tt" and _is_date(value[:10]) and _is_time(value[11:])
 
 
-def _is_uuid(value: object) -> bool:
-    return not isinstance(value, str) or bool(_UUID_RE.fullmatch(value))
+def _is_uuid(value: str) -> bool:
+    return bool(_UUID_RE.fullmatch(value))
 
 
 def validate(value: Any, schema: Mapping[str, Any], *, what: str) -> None:

@@ -21,10 +21,7 @@ import numpy as np
 
 from ..types import Sampling
 
-try:
-    import llama_cpp as L
-except ImportError:  # pragma: no cover - exercised only without the runtime
-    L = None
+from .runtime import L
 
 
 class GrammarDeadEnd(Exception):

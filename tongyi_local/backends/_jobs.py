@@ -15,7 +15,7 @@ from typing import Protocol
 
 from ..errors import BackendError
 from ..types import Chunk
-from .sequence import Sequence
+from ._sequence import Sequence
 
 class Shaper(Protocol):
     """Reshapes a request's raw chunks (e.g. holds back tool-call text, parses the answer)."""

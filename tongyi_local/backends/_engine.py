@@ -30,14 +30,11 @@ import numpy as np
 
 from ..errors import BackendError, ContextOverflowError, GeneratorClosedError, OutputParseError
 from ..types import Chunk, Completion, Timings, Usage
-from .jobs import CLOSED, Job
-from .sequence import GrammarDeadEnd
-from .slots import Slot, SlotPolicy
+from ._jobs import CLOSED, Job
+from ._sequence import GrammarDeadEnd
+from ._slots import Slot, SlotPolicy
 
-try:
-    import llama_cpp as L
-except ImportError:  # pragma: no cover - exercised only without the runtime
-    L = None
+from .runtime import L, captured
 
 log = logging.getLogger("tongyi_local.llama")
 
@@ -67,12 +64,12 @@ class BatchEngine(SlotPolicy):
 
     def __init__(self, ctx: object, vocab: object, *, n_vocab: int, n_ctx: int, n_batch: int,
                  n_slots: int, reuse_prefix: bool, name: str,
-                 explain: Callable[[str], str], on_exit: Callable[[], None]) -> None:
+                 on_exit: Callable[[], None]) -> None:
         self._ctx, self._vocab, self._mem = ctx, vocab, L.llama_get_memory(ctx)
         self.n_vocab, self.n_ctx, self.n_batch = n_vocab, n_ctx, n_batch
         self.reuse_prefix = reuse_prefix
         self.model_name, self.load_ms = name, 0.0
-        self._explain, self._on_exit = explain, on_exit
+        self._on_exit = on_exit
         self._slots = [Slot(i) for i in range(n_slots)]
         self._active: list[Slot] = []  # engine thread only, in admission order
         self._waiting: deque[Job] = deque()
@@ -287,11 +284,12 @@ class BatchEngine(SlotPolicy):
     def _decode(self, entries: list[tuple[Slot, int, int]]) -> list[tuple[Slot, int, int]]:
         """One llama_decode; when the cache is full, free cells and try again with less."""
         while entries:
-            rc = L.llama_decode(self._ctx, self._batch.struct)
+            with captured() as capture:
+                rc = L.llama_decode(self._ctx, self._batch.struct)
             if rc == 0:
                 return entries
             if rc != 1:
-                raise BackendError(self._explain(f"llama_decode failed with code {rc}"))
+                raise BackendError(capture.reason(f"llama_decode failed with code {rc}"))
             idle = [s for s in self._slots if s.job is None and s.tokens]
             if idle:
                 self._truncate(min(idle, key=lambda s: s.last_used), 0)

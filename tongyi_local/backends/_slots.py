@@ -12,12 +12,9 @@ prompt pays for that prompt once).
 
 from __future__ import annotations
 
-from .jobs import Job
+from ._jobs import Job
 
-try:
-    import llama_cpp as L
-except ImportError:  # pragma: no cover - exercised only without the runtime
-    L = None
+from .runtime import L
 
 SIMILARITY = 0.1  # llama-server's slot_prompt_similarity
 MIN_FOLLOW = 8  # tokens a request must gain to wait for another's prompt evaluation
