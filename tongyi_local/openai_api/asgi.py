@@ -99,7 +99,7 @@ async def _stream(reply: Reply, receive: Receive, send: Send) -> None:
 
     sender, watcher = asyncio.create_task(forward()), asyncio.create_task(disconnected())
     try:
-        done, _ = await asyncio.wait({sender}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if sender in done:
             sender.result()
         else:
