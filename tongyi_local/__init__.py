@@ -39,6 +39,7 @@ _LAZY = {
     "ToolRun": "tongyi_local.tool_loop",
     "TextGeneratorAdapter": "tongyi_local.adapter",
     "create_provider": "tongyi_local.adapter",
+    "openai_transport": "tongyi_local.openai_api",
 }
 
 # The public API: the error tree, the value types, the entry points and the lazy classes.

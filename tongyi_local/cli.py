@@ -382,6 +382,27 @@ def ps(as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on (default: loopback only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    config: ConfigOpt = None, profile: ProfileOpt = None,
+    key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Environment variable holding a bearer key clients must send [default: TONGYI_LOCAL_API_KEY if set].")] = None,
+) -> None:
+    """Serve the OpenAI API (chat, completions, models) over HTTP; `model` is a role or model."""
+    from .openai_api import OpenAIApp
+    from .openai_api.asgi import is_loopback, serve as run_server, server_key
+
+    api_key = server_key(key_env)
+    scope = "loopback only" if is_loopback(host) else "reachable from other machines"
+    out.print(f"serving the OpenAI API on http://{host}:{port}/v1 ({scope}; "
+              f"{'bearer key required' if api_key else 'no key'}); Ctrl-C stops")
+    if not is_loopback(host) and not api_key:
+        err.print("warning: listening beyond loopback without a key: anyone who reaches this "
+                  "port can use the models; set --api-key-env")
+    run_server(OpenAIApp(config, profile), host=host, port=port, api_key=api_key)
+
+
 from .cli_evidence import register as _register_evidence  # noqa: E402 - commands live there
 
 _register_evidence(app)
