@@ -29,7 +29,8 @@ from tongyi_local.store import STARTER_CHAT_FILE, STARTER_FILE
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 # What the installed package reads at run time: it must be inside both distributions.
-PACKAGE_DATA = ("tongyi_local/data/CMakePresets.json", "tongyi_local/models.toml")
+PACKAGE_DATA = ("tongyi_local/data/CMakePresets.json", "tongyi_local/defaults.toml",
+                "tongyi_local/evidence/corpus/corpus.txt")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
