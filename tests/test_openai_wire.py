@@ -94,3 +94,27 @@ def test_routes_answer_without_a_model_loaded(tmp_path):
     assert done.status == 200
     assert json.loads(done.body)["choices"][0]["message"]["content"] == "hello there"
     assert app.handle("GET", "/v1/models/nope", b"").status == 404
+
+
+def test_a_model_that_does_not_fit_is_503_overloaded_for_the_sdk(tmp_path, chat_model_path):
+    import httpx
+    import openai
+
+    from tongyi_local.config import load_config
+    from tongyi_local.openai_api import OpenAITransport
+    from tongyi_local.pool import ModelPool
+    from tongyi_local.registry import Registry, estimate_model, load_model
+
+    config = tmp_path / "models.toml"
+    config.write_text(f'[models.chat]\nsource = "path"\npath = "{chat_model_path}"\n')
+    registry = Registry(load_config(config),
+                        pool=ModelPool(load_model, estimate_model, budget_bytes=1 << 20))
+    client = openai.OpenAI(base_url="http://tongyi-local/v1", api_key="local", max_retries=0,
+                           http_client=httpx.Client(
+                               transport=OpenAITransport(OpenAIApp(registry=registry))))
+    try:
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+    except openai.InternalServerError as exc:
+        assert exc.status_code == 503 and exc.code == "overloaded"
+    else:
+        raise AssertionError("a model beyond the memory budget was served")
