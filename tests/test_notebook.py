@@ -72,7 +72,7 @@ def test_every_cell_runs_without_an_error(executed):
     assert all(c.execution_count for c in nb.cells if c.cell_type == "code")
 
 
-def test_the_kernel_imports_this_checkout(executed):
+def test_the_packaged_chat_model_loads(executed):
     nb, _ = executed
     _, cell = _code_cell(nb, "model.name")
     assert _data(cell, "text/plain") == ["'SmolLM2-135M-Instruct.Q4_1'"]
