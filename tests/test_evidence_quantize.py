@@ -104,3 +104,10 @@ def corpus_path():
 
     with as_file(default_corpus()) as path:
         yield path
+
+
+def test_progress_draws_a_tqdm_bar_to_its_end(f16_model, tmp_path, capsys):
+    result = quantize(f16_model, tmp_path / "m-Q8_0.gguf", "Q8_0", progress=True)
+    err = capsys.readouterr().err
+    assert "quantizing to Q8_0" in err and err.rstrip().split("\r")[-1].count("100%") == 1
+    assert result.output.is_file() and read_header(result.output).file_type == "Q8_0"

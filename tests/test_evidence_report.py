@@ -12,24 +12,31 @@ from tongyi_local.backends.quantize import quantize
 from tongyi_local.errors import EvidenceError
 from tongyi_local.evidence import Ladder, SuitePlan, conclude, run_suite
 from tongyi_local.evidence.cost import CostInputs, break_even_tokens
-from tongyi_local.evidence.report import _fmt, write_report
-from tongyi_local.evidence.results import CostPlan, from_json, load, merge, save
 from tongyi_local.evidence.regressions import compare
+from tongyi_local.evidence.report import _fmt, markdown, pareto_png, write_report
+from tongyi_local.evidence.results import CostPlan, from_json, load, merge, save
+from tongyi_local.evidence.suite import planned_steps
 from tongyi_local.testing import write_tiny_model
 
 SMALL_MIX = (("chat", 120, 8), ("rag", 400, 6), ("chat", 60, 4))
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
+def small_plan(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     f16 = write_tiny_model(d / "tiny-F16.gguf", "qwen2", n_embd=256, n_ff=512, dtype="f16")
     q4 = quantize(f16, d / "tiny-Q4_K_M.gguf", "Q4_K_M").output
-    steps: list[str] = []
-    plan = SuitePlan(models=(f16, q4), rounds=1, n_ctx=512, mix=SMALL_MIX,
+    return SuitePlan(models=(f16, q4), rounds=1, n_ctx=512, mix=SMALL_MIX,
                      ladders=(Ladder(f16, (q4,)),), quality_ctx=128, quality_chunks=2,
                      task_models=(q4,), task_roles=("researcher", "coder"), iterations=2,
                      task_max_tokens=12, api_usd_per_1k_tokens=0.002)
+
+
+@pytest.fixture(scope="module")
+def small_run(small_plan):
+    plan = small_plan
+    q4 = plan.task_models[0]
+    steps: list[str] = []
     result = run_suite(plan, progress=steps.append)
     assert result.evidence.cost.model == q4.stem  # costed at the task model's measured speed
     # a fixed figure from here on: the tests assert no timings
@@ -37,9 +44,32 @@ def small_run(tmp_path_factory):
     return conclude(fixed), steps
 
 
-def test_run_suite_reports_each_step(small_run):
+def test_run_suite_reports_each_step(small_run, small_plan):
     _, steps = small_run
     assert [s.split(" ")[0] for s in steps] == ["speed", "speed", "memory", "quality", "role"]
+    assert planned_steps(small_plan) == len(steps)  # what progress=True sizes its bar by
+
+
+def test_the_result_shows_its_report_inline(small_run, capsys):
+    """In Jupyter: the report's tables as HTML (names escaped), the chart as PNG; a short repr."""
+    result, _ = small_run
+    ev = result.evidence
+    page = result._repr_html_()
+    assert page.count("<table>") == page.count("</table>") >= 4
+    assert "<h2>Speed</h2>" in page and "<h2>Quality against the reference</h2>" in page
+    assert result._repr_markdown_() == markdown(result, None)
+    odd = replace(ev, speed=(replace(ev.speed[0], model="<script>x</script>"), *ev.speed[1:]))
+    shown = replace(result, evidence=odd)._repr_html_()
+    assert "<script>" not in shown and "&lt;script&gt;x&lt;/script&gt;" in shown
+    assert repr(result) == (
+        "SuiteResult(models: tiny-F16, tiny-Q4_K_M; rows: 2 speed, 2 roofline, 2 quality, "
+        f"{len(ev.tasks)} tasks; decision: "
+        + ", ".join(f"{r.role}→{r.model}" for r in result.decision) + f"; created {ev.created})")
+    assert repr(ev).startswith("Evidence(2 speed, 2 roofline, 2 quality,")
+    png = pareto_png(ev)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    result.show()  # outside a kernel: the Markdown report on stdout
+    assert capsys.readouterr().out == markdown(result, None) + "\n"
 
 
 def test_speed_rows_are_complete_and_stamped(small_run):

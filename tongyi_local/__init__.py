@@ -40,6 +40,8 @@ _LAZY = {
     "TextGeneratorAdapter": "tongyi_local.adapter",
     "create_provider": "tongyi_local.adapter",
     "openai_transport": "tongyi_local.openai_api",
+    "show": "tongyi_local.display",
+    "ashow": "tongyi_local.display",
 }
 
 # The public API: the error tree, the value types, the entry points and the lazy classes.

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .display import ROW, Rendered
 from .errors import InsufficientMemoryError
 from .paths import home_dir
 from .types import Generator
@@ -42,9 +43,11 @@ class _Loaded:
     roles: set[str] = field(default_factory=set)
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    """What ``ps`` shows for one loaded model."""
+@dataclass(frozen=True, repr=False)
+class LoadedModel(Rendered):
+    """What ``ps`` shows for one loaded model (a table row in Jupyter: display.py)."""
+
+    _renderer = ROW
 
     name: str
     memory_bytes: int

@@ -14,15 +14,18 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from .display import COMPLETION, TIMINGS, TOOL_CALL, Rendered
 from .errors import InvalidRequestError, OutputParseError
 
 Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
-@dataclass(frozen=True)
-class ToolCall:
+@dataclass(frozen=True, repr=False)
+class ToolCall(Rendered):
     """A call the model asked for; ``arguments`` is the parsed JSON object the model produced."""
+
+    _renderer = TOOL_CALL  # Jupyter display and repr: display.py
 
     id: str
     name: str
@@ -322,8 +325,8 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-@dataclass(frozen=True)
-class Timings:
+@dataclass(frozen=True, repr=False)
+class Timings(Rendered):
     """Where a request's time went, in milliseconds.
 
     ``ttft_ms`` runs from the call to the first token. The first token comes from the prompt's
@@ -339,6 +342,8 @@ class Timings:
     decode_tokens: int = 0
     total_ms: float = 0.0
 
+    _renderer = TIMINGS
+
     @property
     def prompt_tokens_per_s(self) -> float:
         return self.prompt_eval_tokens / self.prompt_eval_ms * 1e3 if self.prompt_eval_ms else 0.0
@@ -348,8 +353,12 @@ class Timings:
         return self.decode_tokens / self.decode_ms * 1e3 if self.decode_ms else 0.0
 
 
-@dataclass(frozen=True)
-class Completion:
+@dataclass(frozen=True, repr=False)
+class Completion(Rendered):
+    """A finished request. In Jupyter it shows its text, tool calls and a timings table."""
+
+    _renderer = COMPLETION
+
     text: str
     finish_reason: FinishReason
     usage: Usage

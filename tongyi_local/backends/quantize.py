@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,11 +72,14 @@ def estimate_output_bytes(header: GGUFHeader, qtype: str) -> int:
 def quantize(source: str | os.PathLike[str], output: str | os.PathLike[str], qtype: str, *,
              threads: int | None = None, allow_requantize: bool = False,
              imatrix: str | os.PathLike[str] | None = None,
-             on_progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
+             on_progress: Callable[[int, int], None] | None = None,
+             progress: bool = False) -> QuantizeResult:
     """Quantize ``source`` to ``output`` in-process with ``llama_model_quantize``.
 
     The file appears at ``output`` only when complete (written beside it, then renamed).
-    ``on_progress(bytes_written, estimated_total)`` is called a few times a second.
+    ``on_progress(bytes_written, estimated_total)`` is called a few times a second;
+    ``progress=True`` (without ``on_progress``) draws a ``tqdm.auto`` bar instead (a widget in
+    Jupyter, text on stderr elsewhere).
     """
     qtype = qtype.upper()
     if qtype not in QUANT_TYPES:
@@ -117,8 +121,13 @@ def quantize(source: str | os.PathLike[str], output: str | os.PathLike[str], qty
             outcome["rc"] = L.llama_model_quantize(str(src).encode(), str(tmp).encode(),
                                                    ctypes.byref(params))
 
+    bar = ExitStack()
     started = time.perf_counter()
     try:
+        if progress and on_progress is None:
+            from ..display import progress_bar
+
+            on_progress = bar.enter_context(progress_bar(f"quantizing to {qtype}"))
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
         while worker.is_alive():
@@ -129,12 +138,13 @@ def quantize(source: str | os.PathLike[str], output: str | os.PathLike[str], qty
             raise QuantizeError(f"llama.cpp could not quantize {src} to {qtype}: "
                                 f"{capture.reason('llama_model_quantize returned an error')}")
         os.replace(tmp, dst)
+        seconds = time.perf_counter() - started
+        if on_progress:
+            on_progress(dst.stat().st_size, dst.stat().st_size)
     finally:
         tmp.unlink(missing_ok=True)
         del keep_alive
-    seconds = time.perf_counter() - started
-    if on_progress:
-        on_progress(dst.stat().st_size, dst.stat().st_size)
+        bar.close()
     return QuantizeResult(source=src, output=dst, type=qtype, source_type=header.file_type,
                           source_bytes=header.size_bytes, output_bytes=dst.stat().st_size,
                           seconds=seconds, requantized=requantized,

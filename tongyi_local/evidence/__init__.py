@@ -13,7 +13,7 @@
     decide.py       explicit, configurable rules -> a recommendation per role
     regressions.py  figures that got worse since a previous run
     cost.py         local vs API cost, break-even volume
-    report.py       report.md + Pareto PNG + figures.json
+    report.py       report.md + Pareto PNG + figures.json; show() puts it inline in Jupyter
 
 Why a package apart from the backends: everything here is plain Python over the public API and
 ``backends/quantize.py`` and ``backends/logits.py``; nothing in the library imports it, so it costs nothing at runtime.

@@ -1,4 +1,5 @@
-"""report.md, a Pareto chart and a JSON of every figure, from one evidence document.
+"""report.md, a Pareto chart and a JSON of every figure, from one evidence document, or all of
+it inline in a notebook (``show``).
 
 Why all three: the Markdown is what people read, the chart shows the quality/speed/size trade-off
 at a glance, and the JSON is what ``--compare`` (and the next run) reads, so a regression in any
@@ -7,14 +8,18 @@ figure between two runs is flagged rather than noticed by luck.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import EvidenceError
 from .cost import human_tokens
 from .regressions import Regression
 from .results import CostSummary, Evidence, SuiteResult, save
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _fmt(v: Any, digits: int = 1) -> str:
@@ -140,9 +145,15 @@ def _cost_lines(cost: CostSummary) -> list[str]:
                            for r in cost.table])
 
 
-def pareto_chart(ev: Evidence, path: Path) -> Path | None:
+def pareto_figure(ev: Evidence) -> Figure | None:
     """Top-1 agreement (%) vs decode t/s, marker area ∝ file size, one panel per reference
-    (quantizations of one model), each with its Pareto frontier."""
+    (quantizations of one model), each with its Pareto frontier; None when no model has both
+    a speed and a quality row.
+
+    Drawn on a bare ``matplotlib.figure.Figure``, not through pyplot: no backend is chosen or
+    switched, so the same figure saves to a file from the CLI and shows inline in a notebook
+    without disturbing its matplotlib setup.
+    """
     speed: dict[str, float] = {}
     for r in ev.speed:
         speed[r.model] = max(speed.get(r.model, 0.0), r.decode_tps)
@@ -154,16 +165,15 @@ def pareto_chart(ev: Evidence, path: Path) -> Path | None:
     if not families:
         return None
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         raise EvidenceError("the Pareto chart needs matplotlib: pip install "
                             "'tongyi-local[evidence]'")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     cols = min(3, len(families))
     rows = -(-len(families) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), dpi=110, squeeze=False)
+    fig = Figure(figsize=(5.5 * cols, 4.2 * rows), dpi=110)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (reference, points) in zip(axes.flat, families.items()):
         biggest = max(p[4] for p in points) or 1
         for name, ftype, x, y, size in points:
@@ -186,9 +196,43 @@ def pareto_chart(ev: Evidence, path: Path) -> Path | None:
         ax.axis("off")
     fig.suptitle("Quality vs speed (marker area ∝ file size)")
     fig.tight_layout()
+    return fig
+
+
+def pareto_chart(ev: Evidence, path: Path) -> Path | None:
+    """The Pareto figure written to ``path`` (PNG); None when there is nothing to plot."""
+    fig = pareto_figure(ev)
+    if fig is None:
+        return None
     fig.savefig(path)
-    plt.close(fig)
     return path
+
+
+def pareto_png(ev: Evidence) -> bytes | None:
+    """The Pareto figure as PNG bytes (what a notebook shows inline)."""
+    fig = pareto_figure(ev)
+    if fig is None:
+        return None
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def show(result: SuiteResult) -> None:
+    """The report inline in Jupyter: the tables (the result's own display), then the Pareto
+    chart as a PNG. Outside a kernel the Markdown report is printed."""
+    from ..display import kernel_display
+
+    display = kernel_display()
+    if display is None:
+        print(markdown(result, None))
+        return
+    from IPython.display import Image
+
+    display(result)
+    png = pareto_png(result.evidence)
+    if png is not None:
+        display(Image(data=png, format="png"))
 
 
 @dataclass(frozen=True)

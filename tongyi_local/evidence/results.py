@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..display import EVIDENCE, SUITE, Rendered
 from ..errors import EvidenceError
 from .cost import CostInputs, CostRow
 from .decide import Candidate, Recommendation, Rules
@@ -44,9 +45,12 @@ class CostPlan:
     model: str | None = None
 
 
-@dataclass(frozen=True)
-class Evidence:
-    """What was measured: rows per section, each a dataclass of its measuring module."""
+@dataclass(frozen=True, repr=False)
+class Evidence(Rendered):
+    """What was measured: rows per section, each a dataclass of its measuring module. Shows
+    its tables in Jupyter; its repr counts the rows."""
+
+    _renderer = EVIDENCE
 
     created: str = field(default_factory=_now)
     stamp: Stamp | None = None
@@ -67,11 +71,13 @@ class CostSummary:
     table: tuple[CostRow, ...]
 
 
-@dataclass(frozen=True)
-class SuiteResult:
+@dataclass(frozen=True, repr=False)
+class SuiteResult(Rendered):
     """The measurements and what follows from them: one row per model file, the decision per
     role under ``rules``, the cost table, and regressions against a previous run (None: none
-    compared)."""
+    compared). Shows the report's tables in Jupyter; ``show()`` adds the Pareto chart."""
+
+    _renderer = SUITE
 
     evidence: Evidence
     models: tuple[Candidate, ...]
@@ -84,6 +90,12 @@ class SuiteResult:
     def to_json(self) -> dict[str, Any]:
         """JSON-shaped (tuples become lists), exactly what ``save`` writes."""
         return to_json(self)
+
+    def show(self) -> None:
+        """The report inline in Jupyter: tables and the Pareto chart (``report.show``)."""
+        from .report import show
+
+        show(self)
 
 
 def merge(*documents: Evidence) -> Evidence:

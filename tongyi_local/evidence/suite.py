@@ -75,18 +75,34 @@ Progress = Callable[[str], None]
 
 
 def run_suite(plan: SuitePlan, *, rules: Rules | None = None,
-              progress: Progress | None = None) -> SuiteResult:
+              progress: Progress | bool | None = None) -> SuiteResult:
     """Run every step of ``plan`` on this machine and conclude with ``rules``.
 
-    ``progress`` gets one line as each step starts (runs take minutes to hours).
+    ``progress`` gets one line as each step starts (runs take minutes to hours); ``True`` draws
+    a ``tqdm.auto`` bar over the plan's steps instead (a widget in Jupyter).
     """
+    if progress is True:
+        from ..display import step_bar
+
+        with step_bar(planned_steps(plan), "evidence") as step:
+            return _run(plan, rules, step)
+    return _run(plan, rules, progress or (lambda _line: None))
+
+
+def planned_steps(plan: SuitePlan) -> int:
+    """How many progress lines ``run_suite`` will report for ``plan``."""
+    checked = sum(1 for x in plan.ladders if x.candidates) if plan.crosscheck else 0
+    return (len(plan.models) * len(plan.threads) + 1 + plan.sweep + bool(plan.presets)
+            + len(plan.ladders) + checked + len(plan.task_models))
+
+
+def _run(plan: SuitePlan, rules: Rules | None, say: Progress) -> SuiteResult:
     import tongyi_local
 
     from ..gguf_header import read_header
     from . import roofline as rl, speed, sweep as sw
     from .tasks import run_tasks
 
-    say = progress or (lambda _line: None)
     if not plan.models:
         raise ConfigError("nothing to measure: the plan names no model file")
     for f in {*plan.models, *plan.roofline_only, *plan.task_models,
