@@ -105,8 +105,8 @@ class SlotPolicy:
             view = (ctypes.c_uint8 * len(payload)).from_buffer(payload)
             n = L.llama_state_seq_set_data(self._ctx, view, len(payload), slot.id)
             del view
-        if not n or (L.llama_memory_seq_pos_min(self._mem, slot.id),
-                     L.llama_memory_seq_pos_max(self._mem, slot.id)) != (0, job.prefix - 1):
+        # (a sliding-window model restores only the window's cells: its pos_min may be > 0)
+        if not n or L.llama_memory_seq_pos_max(self._mem, slot.id) != job.prefix - 1:
             L.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
             store.discard(prefix, capture.reason("llama.cpp refused the state") if not n
                           else "the state restores other positions")
