@@ -3,7 +3,14 @@ real llama.cpp build installed by ./bootstrap.sh."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Role prefixes are saved to disk by default; the suite's generators (and the CLI subprocesses,
+# which inherit this) keep none, so no test sees another's state files or writes to the real
+# cache. tests/test_kv_disk.py turns the cache on with a directory of its own.
+os.environ["TONGYI_LOCAL_KV_CACHE_BYTES"] = "0"
 
 from tongyi_local.store import starter_model
 from tongyi_local.testing import write_tiny_model

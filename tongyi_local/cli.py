@@ -20,6 +20,9 @@ app = typer.Typer(help="Run Qwen/Tongyi GGUF models in-process through llama.cpp
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Model files.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+cache_app = typer.Typer(help="Role prefixes' KV state kept on disk across processes.",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -363,6 +366,40 @@ def models_rm(name: Annotated[str, typer.Argument(help="Model name, or a file na
     cfg = _registry(config, profile).config
     target = cfg.models[name].file if name in cfg.models and cfg.models[name].file else name
     out.print(f"removed {store.remove(target)}")
+
+
+CacheDirOpt = Annotated[Optional[Path], typer.Option("--dir", help="Cache directory [default: $TONGYI_LOCAL_KV_CACHE_DIR, else <home>/kv].")]
+
+
+@cache_app.command("ls")
+def cache_ls(directory: CacheDirOpt = None, as_json: JsonOpt = False) -> None:
+    """Each saved role prefix: key, model file, tokens, size, last use."""
+    import datetime
+
+    from .backends import prefix_store
+
+    found = prefix_store.entries(directory)
+    if as_json:
+        out.print_json(json.dumps([{"key": e.key, "model": e.model, "tokens": e.tokens,
+                                    "size_bytes": e.size_bytes, "last_used": e.last_used}
+                                   for e in found]))
+        return
+    table = Table("key", "model", "tokens", "size", "last used")
+    for e in found:
+        used = datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(e.key[:16], e.model, str(e.tokens), _size(e.size_bytes), used)
+    out.print(table)
+    out.print(f"{len(found)} file(s), {_size(sum(e.size_bytes for e in found))} in "
+              f"{directory or prefix_store.cache_dir()}")
+
+
+@cache_app.command("clear")
+def cache_clear(directory: CacheDirOpt = None) -> None:
+    """Remove every saved role prefix (the next request of each role evaluates it again)."""
+    from .backends import prefix_store
+
+    count, size = prefix_store.clear(directory)
+    out.print(f"removed {count} file(s), {_size(size)}")
 
 
 @app.command()

@@ -76,6 +76,7 @@ class ModelSpec:
     mmap: bool = True
     mlock: bool = False
     kv_cache_type: str = "f16"
+    disk_prefix_cache: bool = True  # role prefixes' KV state kept on disk across processes
     sampling: dict[str, Any] = field(default_factory=dict)
     # remote backends (dashscope, openai) and the fake one
     model_id: str | None = None
@@ -459,7 +460,7 @@ def _check_load_settings(file: Path, where: str, entry: dict) -> None:
     for key, (low, high) in _COUNTS.items():
         if key in entry:
             _integer(file, where + key, entry[key], low, high)
-    for key in ("mmap", "mlock"):
+    for key in ("mmap", "mlock", "disk_prefix_cache"):
         if not isinstance(entry.get(key, False), bool):
             raise ConfigError(f"{file}: {where}{key} must be true or false")
 

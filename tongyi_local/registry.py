@@ -56,7 +56,8 @@ def load_model(spec: ModelSpec) -> Generator:
         return LlamaGenerator(path, n_ctx=spec.context_length, n_batch=spec.batch_size,
                               n_ubatch=spec.batch_size, threads=_threads(spec.threads),
                               batch_threads=_threads(spec.batch_threads), mmap=spec.mmap,
-                              mlock=spec.mlock, sampling=sampling, name=spec.name, **options)
+                              mlock=spec.mlock, sampling=sampling, name=spec.name,
+                              disk_prefix_cache=spec.disk_prefix_cache, **options)
     from .backends import remote_from_spec
 
     return remote_from_spec(spec, sampling)
@@ -80,7 +81,7 @@ def pool_key(spec: ModelSpec) -> tuple:
     where = (spec.source, spec.path, spec.repo, spec.file, spec.revision, spec.model_id,
              spec.base_url)
     return (spec.backend, where, spec.context_length, spec.batch_size, spec.kv_cache_type,
-            spec.mmap, spec.mlock, spec.threads, spec.batch_threads)
+            spec.mmap, spec.mlock, spec.threads, spec.batch_threads, spec.disk_prefix_cache)
 
 
 class RoleGenerator(BaseGenerator):

@@ -222,7 +222,7 @@ class BatchEngine(SlotPolicy):
             if job.pending >= 0 or budget <= 0 or (job.follow and not self._follow_ready(slot)):
                 continue
             start = len(slot.tokens)
-            take = min(len(job.tokens) - start, budget)
+            take = min(len(job.tokens) - start, budget, self._prefix_bound(job, start))
             end = n + take
             b.token[n:end] = job.tokens[start:start + take]
             b.pos[n:end] = np.arange(start, start + take, dtype=np.int32)
@@ -250,6 +250,7 @@ class BatchEngine(SlotPolicy):
             if take:
                 start = len(slot.tokens)
                 slot.tokens.extend(job.tokens[start:start + take])
+                self._prompt_chunk_done(slot)
                 if index >= 0:
                     job.prompt_ms = (now - job.t_prompt) * 1e3
             else:

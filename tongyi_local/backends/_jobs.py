@@ -44,6 +44,8 @@ class Job:
         self.exclusive = sequence.sampling.deterministic  # runs alone on an empty cache
         self.cached = 0  # prompt tokens found in the KV cache
         self.follow: tuple | None = None  # (slot, job, n): wait for that job's first n tokens
+        self.prefix = 0  # role prefix length (system turn, tools): restored from / saved to disk
+        self.save_prefix = False  # evaluation stops at ``prefix`` once, to save its KV state
         self.pending = -1  # sampled token to feed at the next step; -1 while in the prompt
         self.n_gen = 0
         self.steps = 0

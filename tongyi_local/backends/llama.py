@@ -31,6 +31,8 @@ from ..types import Chunk, Completion, Message, Request, Sampling
 from .base import BaseGenerator
 from ._engine import BatchEngine
 from ._jobs import Job, Stream
+from ._slots import common_prefix
+from .prefix_store import PrefixCacheSettings, PrefixKey, PrefixStore
 from ._sequence import Sequence
 from .runtime import L, captured, ensure_runtime
 
@@ -93,7 +95,8 @@ class LlamaGenerator(BaseGenerator):
                  n_ubatch: int = 512, threads: int | None = None, batch_threads: int | None = None,
                  pin_threads: bool = True, mmap: bool = True, mlock: bool = False,
                  reuse_prompt_prefix: bool = True, sampling: Sampling | None = None,
-                 name: str | None = None, slots: int = 4, kv_cache_type: str = "f16") -> None:
+                 name: str | None = None, slots: int = 4, kv_cache_type: str = "f16",
+                 disk_prefix_cache: bool | PrefixCacheSettings = True) -> None:
         started = time.perf_counter()
         if not isinstance(slots, int) or not 1 <= slots <= min(n_batch, 256):
             raise InvalidRequestError(f"slots must be an integer in [1, {min(n_batch, 256)}] "
@@ -126,6 +129,8 @@ class LlamaGenerator(BaseGenerator):
         except BaseException:
             _free(self._ctx, self._model)
             raise
+        self._prefix_store = self._engine.prefix_store = _prefix_store(
+            disk_prefix_cache, self.path, self._n_ctx, kv_cache_type)
         # the engine frees the context on its own thread, never under a running step
         self._finalizer = weakref.finalize(self, self._engine.close)
         template = L.llama_model_chat_template(self._model, None)
@@ -228,18 +233,49 @@ class LlamaGenerator(BaseGenerator):
         n = L.llama_token_to_piece(self._vocab, token, buf, 64, 0, True)
         return buf.raw[:max(n, 0)].decode("utf-8", "replace")
 
+    def _chat_tokens(self, messages: tuple[Message, ...], tools: tuple) -> list[int]:
+        tokens = self.tokenize(self.render_chat(messages, tools))
+        if len(tokens) > 1 and tokens[0] == tokens[1] == self._bos:
+            tokens = tokens[1:]  # template text already starts with BOS
+        return tokens
+
+    def _chat_parts(self, request: Request) -> tuple[tuple[Message, ...], tuple]:
+        """The messages and tools a chat request's prompt is rendered from."""
+        messages = request.messages
+        if request.response_schema is not None:
+            messages = chat_format.with_schema_instruction(messages,
+                                                           request.response_schema.schema)
+        return messages, (request.tools if request.calls_tools else ())
+
+    def _role_prefix(self, request: Request, tokens: list[int]) -> int:
+        """How many leading prompt tokens a later request of the same role shares: the system
+        turn(s) and tool definitions, as far as the template renders them the same whatever
+        the user asks (two probe conversations that differ only in the user's text). 0 when
+        shorter than the disk cache's minimum, or without a disk cache or a system message."""
+        store = self._prefix_store
+        if store is None or request.messages is None:
+            return 0
+        messages, tools = self._chat_parts(request)
+        n_system = next((i for i, m in enumerate(messages) if m.role != "system"),
+                        len(messages))
+        if not n_system or (not tools and sum(len(m.content) for m in messages[:n_system])
+                            < store.min_tokens):  # a token spans at least one character
+            return 0
+        system = messages[:n_system]
+        try:
+            probes = [self._chat_tokens(system + (Message("user", text),), tools)
+                      for text in ("0", "1")]
+        except InvalidRequestError:  # a template that refuses this shape: no prefix
+            return 0
+        shared = probes[0][:common_prefix(probes[0], probes[1], len(probes[0]))]
+        n = common_prefix(tokens, shared, len(tokens) - 1)
+        return n if n >= store.min_tokens else 0
+
     def _prompt_tokens(self, request: Request) -> list[int]:
         if request.messages is None:
             tokens = self.tokenize(request.prompt)
         else:
-            messages = request.messages
-            if request.response_schema is not None:
-                messages = chat_format.with_schema_instruction(messages,
-                                                               request.response_schema.schema)
-            tools = request.tools if request.calls_tools else ()
-            tokens = self.tokenize(self.render_chat(messages, tools))
-            if len(tokens) > 1 and tokens[0] == tokens[1] == self._bos:
-                tokens = tokens[1:]  # template text already starts with BOS
+            tokens = self._chat_tokens(*self._chat_parts(request))
         if not tokens or (request.prompt is not None and not request.prompt.strip()):
             raise InvalidRequestError("the prompt is empty")
         if len(tokens) >= self._n_ctx:
@@ -292,6 +328,7 @@ class LlamaGenerator(BaseGenerator):
             try:
                 sequence.accept_prompt(tokens)
                 job = Job(tokens, sequence, request.sampling.max_tokens, started)
+                job.prefix = self._role_prefix(request, tokens)
                 self._engine.submit(job)
             except BaseException:
                 sequence.free()
@@ -318,9 +355,29 @@ class LlamaGenerator(BaseGenerator):
         """Forget the prompts idle slots keep for reuse (frees their KV cells)."""
         self._engine.clear_cache()
 
+    @property
+    def prefix_store(self) -> PrefixStore | None:
+        """Where role prefixes' KV state is kept across processes (None: the disk cache is off)."""
+        return self._prefix_store
+
     def _release(self) -> None:
         with self._use_lock:
             self._finalizer()
+        if self._prefix_store is not None:
+            self._prefix_store.wait()  # state files are complete once close() returns
+
+
+def _prefix_store(option: bool | PrefixCacheSettings, path: Path, n_ctx: int,
+                  kv_type: str) -> PrefixStore | None:
+    if option is False:
+        return None
+    if not isinstance(option, (bool, PrefixCacheSettings)):
+        raise InvalidRequestError(f"disk_prefix_cache must be True, False or a "
+                                  f"PrefixCacheSettings (got {option!r})")
+    settings = option if isinstance(option, PrefixCacheSettings) else PrefixCacheSettings()
+    if settings.resolved_max_bytes() == 0:
+        return None  # a cap of 0 bytes turns the disk cache off
+    return PrefixStore(PrefixKey.for_model(path, n_ctx=n_ctx, kv_type=kv_type), settings)
 
 
 def _builtin_template_for(header: GGUFHeader) -> bytes:
