@@ -429,3 +429,21 @@ def test_without_an_sdk_everything_works(starter_path):
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+def test_the_async_pump_thread_runs_in_the_callers_context(exported):
+    """A stream whose spans start lazily, on the pump thread, still nests under the caller's."""
+    from tongyi_local.backends.aio import AsyncStream
+
+    def lazy():
+        with trace.get_tracer("test").start_as_current_span("inside the stream"):
+            yield "chunk"
+
+    async def main():
+        with trace.get_tracer("agent").start_as_current_span("agent step"):
+            return [c async for c in AsyncStream(lazy())]
+
+    assert asyncio.run(main()) == ["chunk"]
+    spans = exported.spans()
+    inner, step = one(spans, "inside the stream"), one(spans, "agent step")
+    assert inner.parent is not None and inner.parent.span_id == step.context.span_id
