@@ -28,16 +28,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.servers import scripted
+from tests.test_registry import registry  # noqa: F401 - roles "coder" etc. on the starter model
 from tests.servers.scripted import ScriptedServer, status
 from tongyi_local import telemetry
 from tongyi_local.backends.dashscope import DashScopeGenerator
 from tongyi_local.backends.llama import LlamaGenerator
 from tongyi_local.backends.retry import RetryPolicy
-from tongyi_local.config import load_config
 from tongyi_local.errors import ServerError
 from tongyi_local.fallback import FallbackGenerator
 from tongyi_local.pool import ModelPool, processes_status
-from tongyi_local.registry import Registry, estimate_model, load_model
 
 PROMPT = "PRIVATE-PROMPT-quarterly-numbers-for-telemetry"
 KEY = "sk-test-telemetry-0123456789"
@@ -283,26 +282,6 @@ def test_a_fallback_is_an_event_on_the_routers_span_with_both_routes_nested(expo
         (starter.name, done.usage.completion_tokens)]
     assert outputs[0].attributes["tongyi_local.role"] == "tester"
     assert not [v for v in everything_exported(spans, points) if PROMPT in v]
-
-
-@pytest.fixture
-def registry(tmp_path, starter_path):
-    config = tmp_path / "models.toml"
-    config.write_text(f"""
-[models.base]
-source = "path"
-path = "{starter_path}"
-context_length = 512
-sampling = {{ temperature = 0.0, max_tokens = 4 }}
-
-[roles.coder]
-model = "base"
-""")
-    reg = Registry(load_config(config), pool=ModelPool(load_model, estimate_model,
-                                                       budget_bytes=8 << 30,
-                                                       status_dir=tmp_path / "run"))
-    yield reg
-    reg.close()
 
 
 def test_a_roles_span_holds_its_models_span_also_across_the_async_worker_thread(exported,
