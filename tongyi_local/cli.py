@@ -404,19 +404,29 @@ def cache_clear(directory: CacheDirOpt = None) -> None:
 
 @app.command()
 def ps(as_json: JsonOpt = False) -> None:
-    """Models loaded by tongyi_local processes on this machine, their memory and roles."""
+    """Models loaded by tongyi_local processes on this machine: memory, roles and live figures
+    (requests in flight and queued, slots busy, decode tokens/s over the last minute)."""
     from .pool import processes_status
 
     procs = processes_status()
     if as_json:
         out.print_json(json.dumps(procs))
         return
-    table = Table("pid", "model", "memory", "roles")
+    table = Table("pid", "model", "memory", "roles", "in flight", "queued", "slots busy",
+                  "decode t/s (1 min)")
     for proc in procs:
         for m in proc["models"]:
+            slots = (f"{m['slots_busy']}/{m['slots']}" if m.get("slots") is not None else "-")
+            rate = m.get("decode_tps")
             table.add_row(str(proc["pid"]), m["name"], _size(m["memory_bytes"]),
-                          ", ".join(m["roles"]) or "-")
+                          ", ".join(m["roles"]) or "-", _figure(m.get("in_flight")),
+                          _figure(m.get("queued")), slots,
+                          f"{rate:.1f}" if rate is not None else "-")
     out.print(table)
+
+
+def _figure(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 @app.command()

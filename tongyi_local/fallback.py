@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from . import telemetry
 from .errors import (BackendUnavailableError, ConfigError, ModelError,
                      PrivacyError, RateLimitError, RemoteConnectionError, RemoteTimeoutError,
                      ServerError)
@@ -159,7 +160,13 @@ class _Slot:
 
 
 class FallbackGenerator(Closable, AsyncMixin):
-    """A Generator that answers from ``primary`` and falls back to ``secondary`` on failure."""
+    """A Generator that answers from ``primary`` and falls back to ``secondary`` on failure.
+
+    Each request gets a telemetry span of its own (the role's), with the routes' model spans
+    nested in it and each decision an event on it."""
+
+    backend = "fallback"
+    telemetry_leaf = False
 
     def __init__(self, primary: Any, secondary: Any, *, role: str | None = None,
                  privacy: str | None = None, name: str | None = None,
@@ -176,6 +183,10 @@ class FallbackGenerator(Closable, AsyncMixin):
             self._allowed(self._primary.peek())
 
     @property
+    def role_name(self) -> str | None:
+        return self.role
+
+    @property
     def remote(self) -> bool:
         """Whether a request may leave this machine (unbuilt factories count as maybe-remote)."""
         if self.privacy == LOCAL_ONLY:
@@ -185,16 +196,23 @@ class FallbackGenerator(Closable, AsyncMixin):
 
     # --- the Generator protocol --------------------------------------------------------------
     def complete(self, prompt: str, sampling: Sampling | None = None, **options: Any) -> Completion:
-        return self._call(lambda g: g.complete(prompt, sampling, **options))
+        return self._call(lambda g: g.complete(prompt, sampling, **options), "text_completion")
 
     def chat(self, messages: Sequence[Message | Mapping[str, Any]], sampling: Sampling | None = None,
              *, tools: Sequence[Mapping[str, Any]] | None = None, **options: Any) -> Completion:
         extra = {"tools": tools} if tools is not None else {}
-        return self._call(lambda g: g.chat(messages, sampling, **extra, **options))
+        return self._call(lambda g: g.chat(messages, sampling, **extra, **options), "chat")
 
     def stream(self, prompt_or_messages: PromptOrMessages, sampling: Sampling | None = None,
                *, tools: Sequence[Mapping[str, Any]] | None = None,
                **options: Any) -> Iterator[Chunk]:
+        with telemetry.start(self, None, operation=telemetry.operation_of(prompt_or_messages),
+                             stream=True) as call:
+            return call.watch(self._stream(prompt_or_messages, sampling, tools, options))
+
+    def _stream(self, prompt_or_messages: PromptOrMessages, sampling: Sampling | None,
+                tools: Sequence[Mapping[str, Any]] | None,
+                options: Mapping[str, Any]) -> Iterator[Chunk]:
         extra = {"tools": tools} if tools is not None else {}
 
         def open_stream(g: Any) -> Iterator[Chunk]:
@@ -230,7 +248,13 @@ class FallbackGenerator(Closable, AsyncMixin):
         self._secondary.close()
 
     # --- routing -----------------------------------------------------------------------------
-    def _call(self, invoke: Callable[[Any], Completion]) -> Completion:
+    def _call(self, invoke: Callable[[Any], Completion], operation: str) -> Completion:
+        with telemetry.start(self, None, operation=operation) as call:
+            completion = self._route(invoke)
+            call.finish(completion)
+        return completion
+
+    def _route(self, invoke: Callable[[Any], Completion]) -> Completion:
         start = time.perf_counter()
         self._check_open()
         try:
@@ -282,3 +306,5 @@ class FallbackGenerator(Closable, AsyncMixin):
         log.warning("fallback %s: role=%s from=%s to=%s reason=%s latency_ms=%.1f", action,
                     decision.role, decision.source, decision.target, decision.reason,
                     decision.latency_ms, extra={"fallback": decision.as_record()})
+        telemetry.fallback_decision(action, decision.role, source, target, decision.reason,
+                                    decision.latency_ms)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import telemetry
 from .display import ROW, Rendered
 from .errors import InsufficientMemoryError
 from .paths import home_dir
@@ -29,6 +30,7 @@ from .types import Generator
 
 DEFAULT_MARGIN = 1 << 30  # left for the OS, Python and everything else
 DEFAULT_KEEP_ALIVE_S = 300.0
+STATUS_INTERVAL_S = 1.0  # request activity rewrites the status file at most this often
 
 
 @dataclass
@@ -76,6 +78,9 @@ class ModelPool:
         self._status_file = (status_dir or home_dir() / "run") / f"{os.getpid()}.json"
         self._reaper: threading.Thread | None = None
         self._closed = False
+        self._status_at = 0.0  # monotonic time of the last status write
+        self._status_timer: threading.Timer | None = None
+        telemetry.track_pool(self)
 
     # --- the one way in -----------------------------------------------------------------------
     @contextmanager
@@ -88,6 +93,7 @@ class ModelPool:
             with self._lock:
                 entry.in_flight -= 1
                 entry.last_used = time.monotonic()
+                self._activity()
                 self._lock.notify_all()
 
     def _acquire(self, key: Any, spec: Any, name: str, role: str | None) -> _Loaded:
@@ -125,6 +131,8 @@ class ModelPool:
         if role and role not in entry.roles:
             entry.roles.add(role)
             self._write_status()
+        else:
+            self._activity()
         return entry
 
     def _make_room(self, name: str, need: int) -> None:
@@ -181,6 +189,11 @@ class ModelPool:
                                 now - e.last_used, now - e.loaded_at)
                     for e in sorted(self._models.values(), key=lambda e: -e.last_used)]
 
+    def loaded_generators(self) -> list[Generator]:
+        """The generators loaded now (for telemetry's gauges)."""
+        with self._lock:
+            return [e.generator for e in self._models.values() if e.generator is not None]
+
     def unload_all(self) -> None:
         with self._lock:
             for entry in list(self._models.values()):
@@ -190,13 +203,34 @@ class ModelPool:
         with self._lock:
             self._closed = True
             self.unload_all()
+            if self._status_timer is not None:
+                self._status_timer.cancel()
             self._lock.notify_all()
         self._status_file.unlink(missing_ok=True)
 
+    def _activity(self) -> None:
+        """A request started or finished (lock held): refresh the live figures in the status
+        file, at most once per ``STATUS_INTERVAL_S``; a change inside the interval is written
+        when it ends, so the file never stays behind."""
+        wait = self._status_at + STATUS_INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            self._write_status()
+        elif self._status_timer is None and not self._closed:
+            self._status_timer = threading.Timer(wait, self._deferred_status)
+            self._status_timer.daemon = True
+            self._status_timer.start()
+
+    def _deferred_status(self) -> None:
+        with self._lock:
+            self._status_timer = None
+            if not self._closed:
+                self._write_status()
+
     def _write_status(self) -> None:
-        """Publish what this process has loaded (names and sizes only) for `tongyi-local ps`."""
-        rows = [{"name": e.name, "memory_bytes": e.bytes, "roles": sorted(e.roles)}
-                for e in self._models.values()]
+        """Publish what this process has loaded for `tongyi-local ps`: names, sizes, roles and
+        live figures (requests in flight and queued, slots busy, decode speed), never text."""
+        self._status_at = time.monotonic()
+        rows = [_status_row(e) for e in self._models.values()]
         try:
             self._status_file.parent.mkdir(parents=True, exist_ok=True)
             if not rows:
@@ -209,8 +243,26 @@ class ModelPool:
             pass  # status is a convenience; never fail a load over it
 
 
+def _status_row(entry: _Loaded) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": entry.name, "memory_bytes": entry.bytes,
+                           "roles": sorted(entry.roles), "in_flight": entry.in_flight,
+                           "queued": None, "slots_busy": None, "slots": None, "decode": []}
+    generator = entry.generator
+    if generator is not None and hasattr(generator, "slot_states"):
+        try:
+            states = generator.slot_states()
+            row.update(queued=generator.queued, slots=len(states),
+                       slots_busy=sum(1 for s in states if s.busy))
+        except Exception:  # noqa: BLE001 - closed meanwhile: the row goes without live figures
+            pass
+    if generator is not None:
+        row["decode"] = telemetry.recent_decode(generator)
+    return row
+
+
 def processes_status(status_dir: Path | None = None) -> list[dict]:
-    """Loaded models of every live process on this machine (stale files are removed)."""
+    """Loaded models of every live process on this machine (stale files are removed); each
+    model's ``decode_tps`` is its decode speed over the last minute (None when idle)."""
     status_dir = status_dir or home_dir() / "run"
     found = []
     for file in sorted(status_dir.glob("*.json")) if status_dir.exists() else ():
@@ -222,6 +274,9 @@ def processes_status(status_dir: Path | None = None) -> list[dict]:
             continue
         except (OSError, ValueError, KeyError):
             continue
+        now = time.time()
+        for model in data.get("models", ()):
+            model["decode_tps"] = telemetry.decode_rate(model.get("decode") or (), now)
         found.append(data)
     return found
 

@@ -93,6 +93,9 @@ class RoleGenerator(BaseGenerator):
         self.default_sampling = Sampling().merged(model.sampling).merged(role.sampling)
         self.remote = model.remote
         self.guarantees_schema = model.backend == "llama"
+        # telemetry: a role's span names its role and model; the model's own span is nested
+        self.backend, self.role_name, self.telemetry_leaf = model.backend, role.name, False
+        self.telemetry_model = model.model_id or model.name
 
     def _generate(self, request: Request) -> Iterator[Chunk]:
         messages = request.messages

@@ -5,11 +5,14 @@ chunks. One worker thread per request walks that iterator and hands chunks to th
 the loop never blocks on llama.cpp or on a network read, and no backend needs a second (async)
 implementation. Cancelling the awaiting task, closing the async iterator or dropping it closes the
 sync stream; the local backend's stream closes from any thread and frees its slot at once.
+The pump thread runs in a copy of the caller's context, so telemetry spans nest under the
+caller's span there too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -118,7 +121,10 @@ def _start_pump(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, stop: thr
             if stop.is_set():
                 _close(chunks)
 
-    threading.Thread(target=pump, name="tongyi-local-astream", daemon=True).start()
+    # the caller's context (its OpenTelemetry span, among others) goes along to the thread
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(pump,), name="tongyi-local-astream",
+                     daemon=True).start()
 
 
 def _cancel(stop: threading.Event, chunks: Iterator[Chunk]) -> None:

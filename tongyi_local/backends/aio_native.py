@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import aclosing
 from typing import Any, Generic, TypeVar
 
+from .. import telemetry
 from ..errors import BackendError, OutputParseError
 from ..types import (Chunk, Completion, Message, PromptOrMessages, Request,
                      Sampling, ToolsArg, coerce_messages)
@@ -93,9 +94,19 @@ class NativeAsync:
         return achecked(chunks, request, self.name) if self._checks(request) else chunks
 
     def _astream(self, request: Request) -> AsyncIterator[Chunk]:
-        return in_task(self._aopen(request))
+        chunks = self._aopen(request)
+        if telemetry.enabled():
+            chunks = telemetry.traced_async(self, request, chunks)
+        return in_task(chunks)
 
     async def _acomplete(self, request: Request) -> Completion:
+        """The answer, under the request's telemetry span (ended as cancelled when the task is)."""
+        with telemetry.start(self, request) as call:
+            completion = await self._adrain_retrying(request)
+            call.finish(completion)
+        return completion
+
+    async def _adrain_retrying(self, request: Request) -> Completion:
         """Drain the stream in the caller's task (cancelling it cancels the read directly); an
         answer that fails its schema is asked for once more, as the sync ``chat`` does."""
         try:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Self
 
+from .. import telemetry
 from ..errors import BackendError, GeneratorClosedError, OutputParseError
 from ..tool_calls import check_answer
 from ..types import (Chunk, Completion, Message, PromptOrMessages, Request, Sampling, ToolsArg,
@@ -58,6 +59,9 @@ class BaseGenerator(Closable, AsyncMixin):
     default_sampling: Sampling = Sampling()
     remote: bool = False  # True when requests leave this machine; privacy rules check it
     guarantees_schema: bool = False  # True when decoding itself enforces response_schema
+    backend: str = "custom"  # the kind of backend (llama, dashscope, openai, ...) for telemetry
+    role_name: str | None = None  # the agent role a wrapper serves, for telemetry
+    telemetry_leaf: bool = True  # False for wrappers: their nested model call records metrics
 
     # --- what a backend provides -------------------------------------------------------------
     def _generate(self, request: Request) -> Iterator[Chunk]:
@@ -85,13 +89,13 @@ class BaseGenerator(Closable, AsyncMixin):
             request = self._request(None, coerce_messages(prompt_or_messages), sampling, options,
                                     tools=tools, tool_choice=tool_choice,
                                     response_schema=response_schema)
-        return self._open(request)
+        return self._traced(request, self._open)
 
     def generate(self, request: Request) -> Iterator[Chunk]:
         """Stream a ready-made ``Request`` as the backend answers it, before any checking of a
         ``response_schema`` (what wrappers such as roles hand on; they check it themselves)."""
         self._check_open()
-        return self._generate(request)
+        return self._traced(request, self._generate)
 
     # --- helpers ----------------------------------------------------------------------------
     def _request(self, prompt: str | None, messages: tuple[Message, ...] | None,
@@ -117,8 +121,17 @@ class BaseGenerator(Closable, AsyncMixin):
         return with_checked(chunks, request, self.name) if self._checks(request) else chunks
 
     def _complete(self, request: Request) -> Completion:
-        return drain_retrying(lambda: self._open(request), self._drain,
-                              retry=self._checks(request), name=self.name)
+        with telemetry.start(self, request) as call:
+            completion = drain_retrying(lambda: self._open(request), self._drain,
+                                        retry=self._checks(request), name=self.name)
+            call.finish(completion)
+        return completion
+
+    def _traced(self, request: Request,
+                open_stream: Callable[[Request], Iterator[Chunk]]) -> Iterator[Chunk]:
+        """The request's stream under its telemetry span (which starts now, as the work does)."""
+        with telemetry.start(self, request, stream=True) as call:
+            return call.watch(open_stream(request))
 
     @staticmethod
     def _drain(chunks: Iterator[Chunk]) -> Completion:

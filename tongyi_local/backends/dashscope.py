@@ -95,6 +95,7 @@ class DashScopeGenerator(NativeAsync, BaseGenerator):
     """Qwen models on DashScope, with the same results as the local backend."""
 
     remote = True
+    backend = "dashscope"
 
     def __init__(self, model: str, *, api_key: str | None = None,
                  api_key_env: str | None = None, base_url: str | None = None,

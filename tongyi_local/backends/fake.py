@@ -99,6 +99,8 @@ class FakeReply:
 class FakeGenerator(BaseGenerator):
     """Answers from a script; ``calls`` records every request."""
 
+    backend = "fake"
+
     def __init__(self, replies: Iterable[Any] = (), *, name: str = "fake", default: Any = None,
                  remote: bool = False, healthy: bool = True,
                  sampling: Sampling | Mapping[str, Any] | None = None) -> None:

@@ -90,6 +90,7 @@ class LlamaGenerator(BaseGenerator):
     """
 
     guarantees_schema = True
+    backend = "llama"
 
     def __init__(self, model_path: str | Path, *, n_ctx: int | None = 4096, n_batch: int = 512,
                  n_ubatch: int = 512, threads: int | None = None, batch_threads: int | None = None,

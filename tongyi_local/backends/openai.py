@@ -60,6 +60,7 @@ class OpenAIGenerator(NativeAsync, BaseGenerator):
     """A model served over the OpenAI chat/completions protocol."""
 
     remote = True
+    backend = "openai"
 
     def __init__(self, model: str, *, base_url: str, api_key: str | None = None,
                  api_key_env: str | None = None, timeout_s: float = 60.0,
