@@ -341,6 +341,8 @@ class Timings(Rendered):
     decode_ms: float = 0.0
     decode_tokens: int = 0
     total_ms: float = 0.0
+    draft_tokens: int = 0  # prompt-lookup draft tokens verified (speculative decoding)
+    accepted_tokens: int = 0  # of those, the ones the model's own pick confirmed
 
     _renderer = TIMINGS
 

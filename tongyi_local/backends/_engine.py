@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import BackendError, ContextOverflowError, GeneratorClosedError, OutputParseError
 from ..types import Chunk, Completion, Timings, Usage
 from ._jobs import CLOSED, Job
+from ._lookup import Drafter, SpeculativeConfig, StepCost, allocate
 from ._sequence import GrammarDeadEnd
 from ._slots import Slot, SlotPolicy
 
@@ -64,10 +65,14 @@ class BatchEngine(SlotPolicy):
 
     def __init__(self, ctx: object, vocab: object, *, n_vocab: int, n_ctx: int, n_batch: int,
                  n_slots: int, reuse_prefix: bool, name: str,
-                 on_exit: Callable[[], None]) -> None:
+                 on_exit: Callable[[], None], speculative: SpeculativeConfig | None = None,
+                 n_outputs: int | None = None) -> None:
         self._ctx, self._vocab, self._mem = ctx, vocab, L.llama_get_memory(ctx)
         self.n_vocab, self.n_ctx, self.n_batch = n_vocab, n_ctx, n_batch
         self.reuse_prefix = reuse_prefix
+        self.speculative = speculative  # read at each step; None: no drafts
+        self.n_outputs = n_outputs or n_slots  # logits rows one step may ask for
+        self._cost = StepCost()  # decode time per batch token, for the draft lengths
         self.model_name, self.load_ms = name, 0.0
         self._on_exit = on_exit
         self._slots = [Slot(i) for i in range(n_slots)]
@@ -204,18 +209,28 @@ class BatchEngine(SlotPolicy):
             self._truncate(slot, 0)
         return idle[0]
 
-    def _plan(self, prefill_budget: int) -> list[tuple[Slot, int, int]]:
+    def _plan(self, prefill_budget: int, drafts: bool = True) -> list[tuple[Slot, int, int]]:
         """Fill the batch: (slot, tokens added, batch index of its output or -1) per sequence.
 
-        Generating sequences first (one token each), then prompt chunks in admission order."""
+        Generating sequences first (their next token, then its draft, all with logits), then
+        prompt chunks in admission order."""
         b, n, entries = self._batch, 0, []
-        for slot in self._active:
+        generating = [s for s in self._active if s.job.pending >= 0]
+        self._draft(generating, drafts)
+        for slot in generating:
             job = slot.job
-            if job.pending >= 0:
-                b.token[n], b.pos[n], b.seq[n] = job.pending, len(slot.tokens), slot.id
-                b.logits[n] = 1
-                entries.append((slot, 0, n))
-                n += 1
+            pos = len(slot.tokens)
+            b.token[n], b.pos[n], b.seq[n] = job.pending, pos, slot.id
+            b.logits[n] = 1
+            entries.append((slot, 0, n))
+            n += 1
+            if job.draft:
+                end = n + len(job.draft)
+                b.token[n:end] = job.draft
+                b.pos[n:end] = np.arange(pos + 1, pos + 1 + len(job.draft), dtype=np.int32)
+                b.seq[n:end] = slot.id
+                b.logits[n:end] = 1
+                n = end
         budget = min(prefill_budget, self.n_batch - n)
         for slot in self._active:
             job = slot.job
@@ -236,6 +251,37 @@ class BatchEngine(SlotPolicy):
         b.struct.n_tokens = n
         return entries
 
+    def _draft(self, generating: list[Slot], allowed: bool) -> None:
+        """Choose each generating sequence's draft for this step (``job.draft``): the tokens
+        that followed the latest earlier occurrence of its last n-gram, as many as are expected
+        to pay (``_lookup.allocate``), never past max_tokens, the context or the batch."""
+        config = self.speculative
+        drafters, candidates, jobs = [], [], []
+        for slot in generating:
+            job = slot.job
+            job.draft = []
+            if config is None or not allowed or job.exclusive:
+                continue
+            if job.drafter is None:
+                job.drafter = Drafter(config, slot.tokens + [job.pending])
+            limit = min(job.max_tokens - job.n_gen - 1, self.n_ctx - len(slot.tokens) - 1)
+            candidate = job.drafter.candidate(limit)
+            if candidate:
+                drafters.append(job.drafter)
+                candidates.append(candidate)
+                jobs.append(job)
+            else:
+                job.drafter.idle_steps += 1
+        if not candidates:
+            return
+        room = min(self.n_outputs, self.n_batch) - len(self._active)
+        taken = allocate(drafters, candidates, len(generating), self._cost, room)
+        for job, candidate, k in zip(jobs, candidates, taken):
+            if k:
+                job.draft = candidate[:k]
+            else:
+                job.drafter.idle_steps += 1
+
     def _step(self) -> None:
         entries = self._plan(self.n_batch)
         t0 = time.perf_counter()
@@ -244,7 +290,9 @@ class BatchEngine(SlotPolicy):
                 slot.job.t_prompt = t0
         entries = self._decode(entries)
         now = time.perf_counter()
-        outputs = []
+        if self.speculative is not None and not any(take for _, take, _ in entries):
+            self._cost.observe(self._batch.struct.n_tokens, now - t0)
+        outputs, n_rows = [], 0
         for slot, take, index in entries:
             job = slot.job
             if take:
@@ -257,18 +305,51 @@ class BatchEngine(SlotPolicy):
                 slot.tokens.append(job.pending)
                 job.steps += 1
             if index >= 0:
-                outputs.append((slot, index))
+                outputs.append((slot, index, n_rows))
+                n_rows += 1 + (0 if take else len(job.draft))
         if not outputs:
             return
-        rows = self._rows(len(outputs))
-        if all(slot.job.sequence.fast_greedy for slot, _ in outputs):
+        rows = self._rows(n_rows)
+        if all(slot.job.sequence.fast_greedy for slot, _, _ in outputs):
             picks = rows.argmax(axis=1).tolist()
-        else:
-            picks = [self._sample(slot, index, rows[r]) for r, (slot, index) in enumerate(outputs)]
-        for (slot, _), token in zip(outputs, picks):
-            if token is None:  # that request failed alone; its slot is free
+            for slot, index, row in outputs:
+                if slot.job.draft:
+                    self._verify(slot, index, rows, row, now, picks)
+                else:
+                    self._on_token(slot, picks[row], now)
+            return
+        for slot, index, row in outputs:
+            if slot.job.draft:
+                self._verify(slot, index, rows, row, now, None)
                 continue
+            token = self._sample(slot, index, rows[row])
+            if token is not None:  # None: that request failed alone; its slot is free
+                self._on_token(slot, token, now)
+
+    def _verify(self, slot: Slot, index: int, rows: np.ndarray, row: int, now: float,
+                picks: list[int] | None) -> None:
+        """Pick the token after the pending one and after each draft token, in order, as the
+        sequence picks (argmax or its own sampler); keep the draft while the picks match it.
+        The first pick that differs is still this sequence's next token. Each kept token goes
+        through ``_on_token`` (stop strings, EOS, max_tokens), so a request ends exactly where
+        it would without the draft; the KV of the draft tokens not kept is removed."""
+        job = slot.job
+        draft, job.draft = job.draft, []
+        accepted = 0
+        for j in range(len(draft) + 1):
+            token = picks[row + j] if picks is not None else self._sample(
+                slot, index + j, rows[row + j])
+            if token is None:  # the request failed alone; its slot is free
+                break
             self._on_token(slot, token, now)
+            if slot.job is not job or j == len(draft) or token != draft[j]:
+                break
+            slot.tokens.append(token)  # its KV is already there: it was fed as a draft token
+            job.steps += 1
+            accepted += 1
+        job.drafter.record(len(draft), accepted)
+        if accepted < len(draft) and slot.tokens:
+            L.llama_memory_seq_rm(self._mem, slot.id, len(slot.tokens), -1)
 
     def _sample(self, slot: Slot, index: int, row: np.ndarray) -> int | None:
         sequence = slot.job.sequence
@@ -295,9 +376,12 @@ class BatchEngine(SlotPolicy):
             if idle:
                 self._truncate(min(idle, key=lambda s: s.last_used), 0)
                 continue
+            if any(slot.job.draft for slot, take, _ in entries if not take):
+                entries = self._plan(self.n_batch, drafts=False)  # drafts go first
+                continue
             prefill = sum(take for _, take, _ in entries)
             if prefill > 1 or (prefill and len(entries) > 1):
-                entries = self._plan(prefill // 2)  # a smaller prompt chunk may still fit
+                entries = self._plan(prefill // 2, drafts=False)  # a smaller chunk may fit
                 continue
             victim = max(self._active, key=lambda s: len(s.tokens))
             job = victim.job
@@ -307,7 +391,7 @@ class BatchEngine(SlotPolicy):
             job.out.put(ContextOverflowError(
                 held, self.n_ctx, f" (the KV cache is shared with {len(self._active)} other "
                 "running request(s) and is full)"))
-            entries = self._plan(self.n_batch)
+            entries = self._plan(self.n_batch, drafts=False)
         return entries
 
     def _rows(self, n: int) -> np.ndarray:
@@ -341,6 +425,8 @@ class BatchEngine(SlotPolicy):
         if job.n_gen >= job.max_tokens or len(slot.tokens) >= self.n_ctx:
             return self._finish(slot, "length", now)
         job.pending = token
+        if job.drafter is not None:
+            job.drafter.push(token)
         return None
 
     def _finish(self, slot: Slot, reason: str, now: float) -> None:
@@ -355,7 +441,9 @@ class BatchEngine(SlotPolicy):
             load_ms=self.load_ms, prompt_eval_ms=job.prompt_ms,
             prompt_eval_tokens=len(job.tokens) - job.cached,
             ttft_ms=(job.t_first - job.started) * 1e3, decode_ms=(job.t_last - job.t_first) * 1e3,
-            decode_tokens=job.steps, total_ms=(ended - job.started) * 1e3)
+            decode_tokens=job.steps, total_ms=(ended - job.started) * 1e3,
+            draft_tokens=job.drafter.drafted_total if job.drafter else 0,
+            accepted_tokens=job.drafter.accepted_total if job.drafter else 0)
         completion = Completion(
             text=seq.text, finish_reason=reason,
             usage=Usage(prompt_tokens=len(job.tokens), completion_tokens=job.n_gen,

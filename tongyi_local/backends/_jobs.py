@@ -15,6 +15,7 @@ from typing import Protocol
 
 from ..errors import BackendError
 from ..types import Chunk
+from ._lookup import Drafter
 from ._sequence import Sequence
 
 class Shaper(Protocol):
@@ -47,6 +48,8 @@ class Job:
         self.prefix = 0  # role prefix length (system turn, tools): restored from / saved to disk
         self.save_prefix = False  # evaluation stops at ``prefix`` once, to save its KV state
         self.pending = -1  # sampled token to feed at the next step; -1 while in the prompt
+        self.drafter: Drafter | None = None  # prompt-lookup drafting (engine's speculative mode)
+        self.draft: list[int] = []  # draft tokens fed after ``pending`` in the current step
         self.n_gen = 0
         self.steps = 0
         self.t_prompt = 0.0

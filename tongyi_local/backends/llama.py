@@ -31,6 +31,7 @@ from ..types import Chunk, Completion, Message, Request, Sampling
 from .base import BaseGenerator
 from ._engine import BatchEngine
 from ._jobs import Job, Stream
+from ._lookup import SpeculativeConfig
 from ._slots import common_prefix
 from .prefix_store import PrefixCacheSettings, PrefixKey, PrefixStore
 from ._sequence import Sequence
@@ -87,6 +88,16 @@ class LlamaGenerator(BaseGenerator):
     Tools and ``response_schema`` are decoded under a grammar (``schema/``), so a required or
     named tool call, and a structured answer, always parse and validate; in ``auto`` mode the
     grammar wakes up when the model writes ``<tool_call>`` (llama.cpp's lazy grammar).
+
+    ``speculative="ngram"`` (the default) drafts, per running request, the tokens that followed
+    the latest earlier occurrence of its last ``ngram_size`` tokens (prompt-lookup decoding; up
+    to ``max_draft`` per step) and verifies them in the same batch: each kept token is the one
+    the request's own pick (argmax, its sampler chain, its grammar) makes, so greedy text is
+    unchanged and sampled text keeps its distribution (with a seed, the same draws). Draft
+    lengths follow each request's acceptance and the measured cost of a batch token; a request
+    whose drafts keep failing stops drafting. ``deterministic`` requests never draft. Verifying
+    several tokens in one batch can change a greedy pick at a near-tie (quantized kernels are
+    not batch-invariant), as batching with other requests can. ``None`` turns it off.
     """
 
     guarantees_schema = True
@@ -97,8 +108,11 @@ class LlamaGenerator(BaseGenerator):
                  pin_threads: bool = True, mmap: bool = True, mlock: bool = False,
                  reuse_prompt_prefix: bool = True, sampling: Sampling | None = None,
                  name: str | None = None, slots: int = 4, kv_cache_type: str = "f16",
-                 disk_prefix_cache: bool | PrefixCacheSettings = True) -> None:
+                 disk_prefix_cache: bool | PrefixCacheSettings = True,
+                 speculative: str | None = "ngram", ngram_size: int = 3,
+                 max_draft: int = 8) -> None:
         started = time.perf_counter()
+        spec = _speculative_config(speculative, ngram_size, max_draft)
         if not isinstance(slots, int) or not 1 <= slots <= min(n_batch, 256):
             raise InvalidRequestError(f"slots must be an integer in [1, {min(n_batch, 256)}] "
                                       f"(got {slots!r})")
@@ -115,8 +129,15 @@ class LlamaGenerator(BaseGenerator):
                                              pin=pin_threads)
         apply_pinning(self.thread_plan)
         self._model = self._load_model(mmap, mlock)
+        if spec is not None and (L.llama_model_is_recurrent(self._model)
+                                 or L.llama_model_is_hybrid(self._model)):
+            log.info("%s: recurrent state cannot drop rejected draft tokens; no speculation",
+                     self.path.name)
+            spec = None
+        self._spec = spec
+        n_outputs = min(slots * (1 + spec.max_draft), n_batch) if spec else slots
         self._ctx = self._new_context(n_ctx, n_batch, n_ubatch, slots,
-                                      ggml_type(kv_cache_type).value)
+                                      ggml_type(kv_cache_type).value, n_outputs)
         self._vocab = L.llama_model_get_vocab(self._model)
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
         self._n_ctx = L.llama_n_ctx_seq(self._ctx)  # unified: the whole cache, for one request
@@ -126,7 +147,8 @@ class LlamaGenerator(BaseGenerator):
                 self._ctx, self._vocab, n_vocab=self._n_vocab, n_ctx=self._n_ctx,
                 n_batch=L.llama_n_batch(self._ctx), n_slots=slots,
                 reuse_prefix=reuse_prompt_prefix, name=self.name,
-                on_exit=functools.partial(_free, self._ctx, self._model))
+                on_exit=functools.partial(_free, self._ctx, self._model),
+                speculative=spec, n_outputs=n_outputs)
         except BaseException:
             _free(self._ctx, self._model)
             raise
@@ -157,6 +179,19 @@ class LlamaGenerator(BaseGenerator):
     def reuse_prompt_prefix(self, value: bool) -> None:
         self._engine.reuse_prefix = bool(value)  # read by the engine at each admission
 
+    @property
+    def speculative(self) -> str | None:
+        """"ngram" while prompt-lookup drafting is on, else None (settable between requests)."""
+        return "ngram" if self._engine.speculative is not None else None
+
+    @speculative.setter
+    def speculative(self, value: str | None) -> None:
+        if value is not None and self._spec is None:
+            raise InvalidRequestError(f"{self.name} was loaded without speculative decoding; "
+                                      "load it with speculative='ngram' to switch it on")
+        _speculative_config(value, 1, 1)  # validates the name
+        self._engine.speculative = self._spec if value else None  # read at each step
+
     # --- loading ----------------------------------------------------------------------------
     def _load_model(self, mmap: bool, mlock: bool) -> object:
         params = L.llama_model_default_params()
@@ -169,7 +204,7 @@ class LlamaGenerator(BaseGenerator):
         return model
 
     def _new_context(self, n_ctx: int | None, n_batch: int, n_ubatch: int, slots: int,
-                     kv_type: int) -> object:
+                     kv_type: int, n_outputs: int) -> object:
         trained = L.llama_model_n_ctx_train(self._model)
         if n_ctx is not None and n_ctx < 16:
             L.llama_model_free(self._model)
@@ -180,7 +215,7 @@ class LlamaGenerator(BaseGenerator):
         params.n_ubatch = min(n_ubatch, n_batch)
         params.n_seq_max = slots
         params.kv_unified = True
-        params.n_outputs_max = slots  # one logits row per running sequence and step, no more
+        params.n_outputs_max = n_outputs  # per step: a row per running sequence and draft token
         params.type_k = params.type_v = kv_type
         params.n_threads = self.thread_plan.threads
         params.n_threads_batch = self.thread_plan.batch_threads
@@ -379,6 +414,18 @@ def _prefix_store(option: bool | PrefixCacheSettings, path: Path, n_ctx: int,
     if settings.resolved_max_bytes() == 0:
         return None  # a cap of 0 bytes turns the disk cache off
     return PrefixStore(PrefixKey.for_model(path, n_ctx=n_ctx, kv_type=kv_type), settings)
+
+
+def _speculative_config(kind: object, ngram_size: object,
+                        max_draft: object) -> SpeculativeConfig | None:
+    if kind is None:
+        return None
+    if kind != "ngram":
+        raise InvalidRequestError(f"speculative must be 'ngram' or None (got {kind!r})")
+    for name, value, top in (("ngram_size", ngram_size, 16), ("max_draft", max_draft, 64)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+            raise InvalidRequestError(f"{name} must be an integer in [1, {top}] (got {value!r})")
+    return SpeculativeConfig(ngram_size=ngram_size, max_draft=max_draft)
 
 
 def _builtin_template_for(header: GGUFHeader) -> bytes:
