@@ -31,8 +31,10 @@ class GrammarDeadEnd(Exception):
 class Sequence:
     """Per-request sampling and text state; used by the engine thread only (after creation)."""
 
-    def __init__(self, n_vocab: int, sampling: Sampling, grammar: object = None) -> None:
+    def __init__(self, n_vocab: int, sampling: Sampling, grammar: object = None,
+                 utf8: Utf8Tables | None = None) -> None:
         self.sampling = sampling
+        self._utf8_tables = utf8 if utf8 is not None else Utf8Tables(n_vocab)
         self.ignore_eos = sampling.ignore_eos
         self.grammar = grammar  # a llama_sampler this sequence owns, or None
         self._utf8 = codecs.getincrementaldecoder("utf-8")("strict")
@@ -62,13 +64,11 @@ class Sequence:
             return L.llama_sampler_sample(self.sampler, ctx, batch_index)
         token = self._pick(row, constrained=False)
         if not (_allows(self.grammar, token) and self._keeps_utf8(piece(token))):
-            banned: list[int] = []
-            for _ in range(_MAX_REPICKS):
-                token = self._pick(row, constrained=True, banned=banned)
-                if self._keeps_utf8(piece(token)):
-                    break
-                banned.append(token)
-            if not _allows(self.grammar, token):  # accepting it would abort inside llama.cpp
+            pending = self._utf8.getstate()[0]
+            token = self._pick(row, constrained=True,
+                               banned=self._utf8_tables.breaking(pending, piece))
+            # accepting a token the grammar rejects would abort inside llama.cpp
+            if not (_allows(self.grammar, token) and self._keeps_utf8(piece(token))):
                 raise GrammarDeadEnd("no token the grammar allows can follow the answer so far "
                                      "(or none that keeps it valid UTF-8)")
         L.llama_sampler_accept(self.grammar, token)
@@ -90,7 +90,8 @@ class Sequence:
         finally:
             self._utf8.setstate(state)
 
-    def _pick(self, row: np.ndarray, *, constrained: bool, banned: list[int] = ()) -> int:
+    def _pick(self, row: np.ndarray, *, constrained: bool,
+              banned: np.ndarray | None = None) -> int:
         if self.sampler is None and not constrained:
             return int(row.argmax())
         if constrained and self._shortlist_exact():
@@ -113,7 +114,7 @@ class Sequence:
         return s.repeat_penalty == 1.0 and (
             self.sampler is None or s.top_k > 0)
 
-    def _pick_from(self, row: np.ndarray, ids: np.ndarray | None, banned: list[int], *,
+    def _pick_from(self, row: np.ndarray, ids: np.ndarray | None, banned: np.ndarray | None, *,
                    need: int, constrained: bool = True) -> int | None:
         """Apply grammar (and chain) to ``row`` restricted to ``ids`` (None: the vocabulary);
         None when fewer than ``need`` tokens of the shortlist are allowed (go wider)."""
@@ -122,8 +123,8 @@ class Sequence:
         data["id"] = ids
         data["logit"] = row[ids]
         data["p"] = 0.0
-        if banned:
-            data["logit"][np.isin(ids, banned)] = -np.inf
+        if banned is not None:
+            data["logit"][banned[ids]] = -np.inf
         array = L.llama_token_data_array(
             data=data.ctypes.data_as(L.llama_token_data_p), size=len(ids), selected=-1,
             sorted=False)
@@ -170,7 +171,6 @@ class Sequence:
 
 
 _SHORTLISTS = (32, 512)  # highest logits the grammar checks first, before the whole vocabulary
-_MAX_REPICKS = 16  # tokens tried when the grammar's pick would break UTF-8
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
@@ -211,3 +211,29 @@ def _sampler_chain(n_vocab: int, s: Sampling) -> object:
     seed = L.LLAMA_DEFAULT_SEED if s.seed is None else s.seed
     L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
     return chain
+
+
+class Utf8Tables:
+    """Which tokens would break the output's UTF-8 after the bytes of a character begun but not
+    finished (``pending``): one boolean table per pending byte string, computed once per model.
+
+    Why tables, not repicks: llama.cpp's grammar reads bytes leniently, so after a lead byte
+    such as 0xED it allows every continuation byte, and a byte-level BPE vocabulary has hundreds
+    of tokens that start with the ones UTF-8 forbids there; banning them one pick at a time
+    could run out of tries. At most a few dozen distinct pending strings occur."""
+
+    def __init__(self, n_vocab: int) -> None:
+        self.n_vocab = n_vocab
+        self._tables: dict[bytes, np.ndarray] = {}
+
+    def breaking(self, pending: bytes, piece: Callable[[int], bytes]) -> np.ndarray:
+        table = self._tables.get(pending)
+        if table is None:
+            table = np.zeros(self.n_vocab, bool)
+            for token in range(self.n_vocab):
+                try:
+                    codecs.utf_8_decode(pending + piece(token), "strict", False)
+                except UnicodeDecodeError:
+                    table[token] = True
+            self._tables[pending] = table
+        return table

@@ -34,7 +34,7 @@ from ._jobs import Job, Stream
 from ._lookup import SpeculativeConfig
 from ._slots import common_prefix
 from .prefix_store import PrefixCacheSettings, PrefixKey, PrefixStore
-from ._sequence import Sequence
+from ._sequence import Sequence, Utf8Tables
 from .runtime import L, captured, ensure_runtime
 
 log = logging.getLogger("tongyi_local.llama")
@@ -140,6 +140,7 @@ class LlamaGenerator(BaseGenerator):
                                       ggml_type(kv_cache_type).value, n_outputs)
         self._vocab = L.llama_model_get_vocab(self._model)
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
+        self._utf8_tables = Utf8Tables(self._n_vocab)  # shared by its requests (engine thread)
         self._n_ctx = L.llama_n_ctx_seq(self._ctx)  # unified: the whole cache, for one request
         self._bos = L.llama_vocab_bos(self._vocab)
         try:
@@ -360,7 +361,8 @@ class LlamaGenerator(BaseGenerator):
         started = time.perf_counter()
         with self._in_use():
             tokens = self._prompt_tokens(request)  # fails before any work is queued
-            sequence = Sequence(self._n_vocab, request.sampling, self._grammar(request))
+            sequence = Sequence(self._n_vocab, request.sampling, self._grammar(request),
+                                self._utf8_tables)
             try:
                 sequence.accept_prompt(tokens)
                 job = Job(tokens, sequence, request.sampling.max_tokens, started)
