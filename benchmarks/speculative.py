@@ -30,11 +30,14 @@ from tongyi_local import Message
 from tongyi_local.backends.llama import LlamaGenerator
 
 
-def module_source(n_functions: int = 30) -> str:
+N_FUNCTIONS = 30  # --functions: 30 gives a ~275-line module
+
+
+def module_source(n_functions: int | None = None) -> str:
     """A ~300-line module of small, distinct functions that share a variable name (``total``)."""
     ops = ["+", "-", "*", "//", "%"]
     parts = ['"""Inventory arithmetic helpers."""', "", "import math", ""]
-    for i in range(n_functions):
+    for i in range(n_functions or N_FUNCTIONS):
         op = ops[i % len(ops)]
         parts += [
             "",
@@ -139,15 +142,19 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--widths", default="1,4")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--functions", type=int, default=30,
+                        help="functions in the edited module (9 lines each)")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args()
+    globals()["N_FUNCTIONS"] = args.functions
     paths = {"chat": tongyi_local.starter_chat_model_path, "starter": tongyi_local.starter_model_path}
     rows = []
     print(f"{'model':<28} {'set':<5} {'B':>2} {'off t/s':>8} {'on t/s':>8} {'ratio':>6} "
           f"{'accept':>7} {'identical':>9} {'copied':>7}")
     for name in args.models.split(","):
         path = paths[name]() if name in paths else name
-        with LlamaGenerator(path, n_ctx=16384, slots=4, threads=args.threads) as gen:
+        with LlamaGenerator(path, n_ctx=16384, slots=4, threads=args.threads,
+                            speculative="ngram") as gen:
             for width in map(int, args.widths.split(",")):
                 for kind in ("edit", "fresh"):
                     row = bench(gen, kind, width, args.rounds, args.max_tokens)

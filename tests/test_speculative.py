@@ -48,7 +48,13 @@ def both(gen: LlamaGenerator, call):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_qwen2):
-    with LlamaGenerator(tiny_qwen2, n_ctx=1024, slots=4) as gen:
+    with LlamaGenerator(tiny_qwen2, n_ctx=1024, slots=4, speculative="ngram") as gen:
+        yield gen
+
+
+@pytest.fixture(scope="module")
+def chat_spec(chat_model_path):
+    with LlamaGenerator(chat_model_path, n_ctx=2048, speculative="ngram") as gen:
         yield gen
 
 
@@ -140,7 +146,7 @@ def test_a_stop_string_inside_a_draft_ends_the_text_where_it_would(tiny):
 
 
 def test_the_end_of_the_context_inside_a_draft(tiny_qwen2):
-    with LlamaGenerator(tiny_qwen2, n_ctx=64, slots=1) as gen:
+    with LlamaGenerator(tiny_qwen2, n_ctx=64, slots=1, speculative="ngram") as gen:
         off, on = both(gen, lambda g: g.complete(REPEATING[0], max_tokens=500, ignore_eos=True,
                                                  **GREEDY))
     assert on.text == off.text and on.finish_reason == off.finish_reason == "length"
@@ -159,10 +165,10 @@ def test_the_kv_cache_holds_exactly_the_kept_tokens(tiny):
         assert held == len(slot.tokens), f"slot {slot.id}: KV holds {held}, tokens {len(slot.tokens)}"
 
 
-def test_eos_inside_a_draft_ends_the_answer_on_the_chat_model(chat_model):
+def test_eos_inside_a_draft_ends_the_answer_on_the_chat_model(chat_spec):
     # the model echoes the user's words, and the template put <|im_end|> right after them
     ask = [{"role": "user", "content": ECHO}]
-    off, on = both(chat_model, lambda g: g.chat(ask, max_tokens=60, **GREEDY))
+    off, on = both(chat_spec, lambda g: g.chat(ask, max_tokens=60, **GREEDY))
     assert on.text == off.text and on.finish_reason == off.finish_reason == "stop"
     assert on.usage.completion_tokens < 60 and on.timings.accepted_tokens > 0
 
@@ -171,20 +177,20 @@ def test_eos_inside_a_draft_ends_the_answer_on_the_chat_model(chat_model):
     "Repeat this list: apples, pears, plums, apples, pears, plums, apples",
     "Rename x to y in: def add(x, z):\n    return x + z\n\nprint(add(1, 2))\n",
 ])
-def test_greedy_chat_text_is_the_same_with_drafts_on_the_chat_model(chat_model, prompt):
+def test_greedy_chat_text_is_the_same_with_drafts_on_the_chat_model(chat_spec, prompt):
     ask = [{"role": "user", "content": prompt}]
-    off, on = both(chat_model, lambda g: g.chat(ask, max_tokens=80, **GREEDY))
+    off, on = both(chat_spec, lambda g: g.chat(ask, max_tokens=80, **GREEDY))
     assert on.text == off.text and on.finish_reason == off.finish_reason
 
 
-def test_a_grammar_constrained_tool_call_is_the_same_with_drafts(chat_model):
+def test_a_grammar_constrained_tool_call_is_the_same_with_drafts(chat_spec):
     add = {"type": "function", "function": {
         "name": "add", "description": "Add two integers",
         "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
                                                         "b": {"type": "integer"}},
                        "required": ["a", "b"], "additionalProperties": False}}}
     ask = [{"role": "user", "content": "Add 2 and 3, and also add 10 and 20."}]
-    off, on = both(chat_model, lambda g: g.chat(ask, tools=[add], tool_choice="required",
+    off, on = both(chat_spec, lambda g: g.chat(ask, tools=[add], tool_choice="required",
                                                 max_tokens=120, **GREEDY))
     calls = [[(c.name, c.arguments) for c in d.tool_calls] for d in (off, on)]
     assert calls[1] == calls[0] and on.text == off.text
@@ -261,7 +267,7 @@ def test_bad_speculative_options_are_refused(tiny_qwen2, kwargs, words):
 
 
 def test_speculation_cannot_be_switched_on_without_its_context(tiny_qwen2):
-    with LlamaGenerator(tiny_qwen2, n_ctx=256, speculative=None) as gen:
+    with LlamaGenerator(tiny_qwen2, n_ctx=256) as gen:  # off by default
         assert gen.speculative is None
         with pytest.raises(InvalidRequestError, match="speculative='ngram'"):
             gen.speculative = "ngram"

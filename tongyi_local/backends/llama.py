@@ -89,7 +89,7 @@ class LlamaGenerator(BaseGenerator):
     named tool call, and a structured answer, always parse and validate; in ``auto`` mode the
     grammar wakes up when the model writes ``<tool_call>`` (llama.cpp's lazy grammar).
 
-    ``speculative="ngram"`` (the default) drafts, per running request, the tokens that followed
+    ``speculative="ngram"`` drafts, per running request, the tokens that followed
     the latest earlier occurrence of its last ``ngram_size`` tokens (prompt-lookup decoding; up
     to ``max_draft`` per step) and verifies them in the same batch: each kept token is the one
     the request's own pick (argmax, its sampler chain, its grammar) makes, so greedy text is
@@ -109,7 +109,7 @@ class LlamaGenerator(BaseGenerator):
                  reuse_prompt_prefix: bool = True, sampling: Sampling | None = None,
                  name: str | None = None, slots: int = 4, kv_cache_type: str = "f16",
                  disk_prefix_cache: bool | PrefixCacheSettings = True,
-                 speculative: str | None = "ngram", ngram_size: int = 3,
+                 speculative: str | None = None, ngram_size: int = 3,
                  max_draft: int = 8) -> None:
         started = time.perf_counter()
         spec = _speculative_config(speculative, ngram_size, max_draft)
@@ -420,13 +420,13 @@ def _prefix_store(option: bool | PrefixCacheSettings, path: Path, n_ctx: int,
 
 def _speculative_config(kind: object, ngram_size: object,
                         max_draft: object) -> SpeculativeConfig | None:
-    if kind is None:
-        return None
-    if kind != "ngram":
+    if kind is not None and kind != "ngram":
         raise InvalidRequestError(f"speculative must be 'ngram' or None (got {kind!r})")
     for name, value, top in (("ngram_size", ngram_size, 16), ("max_draft", max_draft, 64)):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
             raise InvalidRequestError(f"{name} must be an integer in [1, {top}] (got {value!r})")
+    if kind is None:
+        return None
     return SpeculativeConfig(ngram_size=ngram_size, max_draft=max_draft)
 
 
