@@ -80,3 +80,22 @@ def outside_any_project(tmp_path_factory, monkeypatch):
     monkeypatch.chdir(empty)
     assert project_file() is None, f"a models.toml above {empty} would leak into the test"
     return empty
+
+
+@pytest.fixture(scope="session")
+def chat_role_config(tmp_path_factory, chat_model_path):
+    """A models.toml with model ``chat`` (the packaged chat model) and role ``coder`` on it,
+    greedy, with a plain system prompt: what the OpenAI API tests ask for by name."""
+    path = tmp_path_factory.mktemp("roles") / "models.toml"
+    path.write_text(f"""
+[models.chat]
+source = "path"
+path = "{chat_model_path}"
+context_length = 1024
+
+[roles.coder]
+model = "chat"
+system_prompt = "You are a helpful assistant."
+sampling = {{ temperature = 0.0 }}
+""")
+    return path

@@ -23,20 +23,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, chat_model_path):
+def server(tmp_path_factory, chat_role_config):
     root = tmp_path_factory.mktemp("serve")
-    config = root / "models.toml"
-    config.write_text(f"""
-[models.chat]
-source = "path"
-path = "{chat_model_path}"
-context_length = 1024
-
-[roles.coder]
-model = "chat"
-system_prompt = "You are a helpful assistant."
-sampling = {{ temperature = 0.0 }}
-""")
+    config = chat_role_config
     port = _free_port()
     env = dict(os.environ, SERVE_TEST_KEY="sekrit-key", TONGYI_LOCAL_HOME=str(root / "home"))
     env.pop("TONGYI_LOCAL_API_KEY", None)

@@ -23,20 +23,8 @@ WEATHER = [{"type": "function", "function": {
 
 
 @pytest.fixture(scope="module")
-def oa_config(tmp_path_factory, chat_model_path):
-    path = tmp_path_factory.mktemp("oa") / "models.toml"
-    path.write_text(f"""
-[models.chat]
-source = "path"
-path = "{chat_model_path}"
-context_length = 1024
-
-[roles.coder]
-model = "chat"
-system_prompt = "You are a helpful assistant."
-sampling = {{ temperature = 0.0 }}
-""")
-    return path
+def oa_config(chat_role_config):
+    return chat_role_config
 
 
 @pytest.fixture(scope="module")

@@ -276,16 +276,11 @@ def _close(chunks: Any) -> None:
 def _events(first: Chunk, chunks: Iterator[Chunk], events: wire.ChatEvents) -> Iterator[bytes]:
     """The stream's events; closing this iterator early closes the request (frees its slot)."""
     try:
-        start = events.start()
-        if start:
-            yield start
+        yield from events.opening()
         chunk: Chunk | None = first
         while chunk is not None:
-            text = events.text(chunk)
-            if text:
-                yield text
+            yield from events.of(chunk)
             if chunk.completion is not None:
-                yield from events.end(chunk.completion)
                 return
             chunk = next(chunks, None)
     except Exception as exc:  # noqa: BLE001 - after the headers, errors travel as an event
@@ -296,17 +291,13 @@ def _events(first: Chunk, chunks: Iterator[Chunk], events: wire.ChatEvents) -> I
 
 async def _aevents(first: Chunk, chunks: Any, events: wire.ChatEvents) -> AsyncIterator[bytes]:
     try:
-        start = events.start()
-        if start:
-            yield start
+        for event in events.opening():
+            yield event
         chunk: Chunk | None = first
         while chunk is not None:
-            text = events.text(chunk)
-            if text:
-                yield text
+            for event in events.of(chunk):
+                yield event
             if chunk.completion is not None:
-                for event in events.end(chunk.completion):
-                    yield event
                 return
             chunk = await anext(chunks, None)
     except Exception as exc:  # noqa: BLE001

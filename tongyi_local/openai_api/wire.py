@@ -284,6 +284,17 @@ class ChatEvents:
     def start(self) -> bytes:
         return self._chunk({"role": "assistant", "content": ""})
 
+    def opening(self) -> list[bytes]:
+        """The events before the first chunk's."""
+        start = self.start()
+        return [start] if start else []
+
+    def of(self, chunk: Chunk) -> list[bytes]:
+        """The events one chunk of the stream gives (its text; the end, on the last one)."""
+        text = self.text(chunk)
+        events = [text] if text else []
+        return events + self.end(chunk.completion) if chunk.completion is not None else events
+
     def text(self, chunk: Chunk) -> bytes | None:
         return self._chunk({"content": chunk.text}) if chunk.text else None
 
