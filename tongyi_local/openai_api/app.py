@@ -192,14 +192,11 @@ class OpenAIApp:
             return found
         call, generator = found
         ids, events = _shapes(call)
+        asked, options = call.input()
         if not call.stream:
-            completion = (generator.chat(call.messages, **call.arguments())
-                          if isinstance(call, wire.ChatCall)
-                          else generator.complete(call.prompt, **call.options))
-            return Reply.json(_body(call, completion, ids))
-        chunks = (generator.stream(call.messages, **call.arguments())
-                  if isinstance(call, wire.ChatCall)
-                  else generator.stream(call.prompt, **call.options))
+            answer = generator.chat if isinstance(call, wire.ChatCall) else generator.complete
+            return Reply.json(_body(call, answer(asked, **options), ids))
+        chunks = generator.stream(asked, **options)
         try:
             first = next(chunks)  # failures before the first token get their own status
         except BaseException:
@@ -213,14 +210,11 @@ class OpenAIApp:
             return found
         call, generator = found
         ids, events = _shapes(call)
+        asked, options = call.input()
         if not call.stream:
-            completion = await (generator.achat(call.messages, **call.arguments())
-                                if isinstance(call, wire.ChatCall)
-                                else generator.acomplete(call.prompt, **call.options))
-            return Reply.json(_body(call, completion, ids))
-        chunks = (generator.astream(call.messages, **call.arguments())
-                  if isinstance(call, wire.ChatCall)
-                  else generator.astream(call.prompt, **call.options))
+            answer = generator.achat if isinstance(call, wire.ChatCall) else generator.acomplete
+            return Reply.json(_body(call, await answer(asked, **options), ids))
+        chunks = generator.astream(asked, **options)
         try:
             first = await chunks.__anext__()
         except BaseException:

@@ -53,6 +53,9 @@ class Call:
     stream: bool = False
     include_usage: bool = False
 
+    def input(self) -> tuple[Any, dict[str, Any]]:
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class ChatCall(Call):
@@ -61,6 +64,10 @@ class ChatCall(Call):
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     response_schema: ResponseSchema | None = None
+
+    def input(self) -> tuple[Any, dict[str, Any]]:
+        """What ``chat`` / ``stream`` take: the messages and the keyword arguments."""
+        return self.messages, self.arguments()
 
     def arguments(self) -> dict[str, Any]:
         """Keyword arguments for ``Generator.chat`` / ``stream``."""
@@ -73,6 +80,10 @@ class ChatCall(Call):
 @dataclass(frozen=True)
 class TextCall(Call):
     prompt: str = ""
+
+    def input(self) -> tuple[Any, dict[str, Any]]:
+        """What ``complete`` / ``stream`` take: the prompt and the sampling options."""
+        return self.prompt, dict(self.options)
 
 
 def decode_body(body: bytes) -> Mapping[str, Any]:
