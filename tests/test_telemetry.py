@@ -313,7 +313,8 @@ def test_live_figures_in_gauges_the_status_file_and_ps(exported, tmp_path, start
     pool = ModelPool(lambda path: LlamaGenerator(path, n_ctx=512, slots=2), lambda path: 50 << 20,
                      budget_bytes=1 << 30, keep_alive_s=None, status_dir=tmp_path / "run")
     try:
-        with pool.checkout("m", starter_path, "starter", "coder") as gen:
+        # a name no other pool of the test process holds: the gauge sums pools per model name
+        with pool.checkout("m", starter_path, "gauge-starter", "coder") as gen:
             gen.complete("Hello", max_tokens=8, ignore_eos=True, temperature=0)
             stream = gen.stream("Once upon a time", max_tokens=400, ignore_eos=True)
             next(stream)
@@ -324,7 +325,7 @@ def test_live_figures_in_gauges_the_status_file_and_ps(exported, tmp_path, start
             assert [p.value for p in gauges["tongyi_local.requests.queued"]
                     if p.attributes["tongyi_local.model"] == gen.name] == [0]
             assert [p.value for p in gauges["tongyi_local.pool.memory"]
-                    if p.attributes["tongyi_local.model"] == "starter"] == [50 << 20]
+                    if p.attributes["tongyi_local.model"] == "gauge-starter"] == [50 << 20]
             pool._activity()
             pool._write_status()  # what the once-a-second refresh writes, now
             (model,) = processes_status(tmp_path / "run")[0]["models"]
@@ -338,10 +339,10 @@ def test_live_figures_in_gauges_the_status_file_and_ps(exported, tmp_path, start
         assert shown.returncode == 0, shown.stderr
         (proc,) = json.loads(shown.stdout)
         (row,) = proc["models"]
-        assert row["name"] == "starter" and row["decode_tps"] > 0 and row["slots"] == 2
+        assert row["name"] == "gauge-starter" and row["decode_tps"] > 0 and row["slots"] == 2
         table = subprocess.run([sys.executable, "-m", "tongyi_local", "ps"], env=env,
                                capture_output=True, text=True, timeout=120)
-        assert "decode t/s" in table.stdout and "starter" in table.stdout
+        assert "decode t/s" in table.stdout and "gauge-starter" in table.stdout
     finally:
         pool.close()
 
@@ -426,3 +427,18 @@ def test_the_async_pump_thread_runs_in_the_callers_context(exported):
     spans = exported.spans()
     inner, step = one(spans, "inside the stream"), one(spans, "agent step")
     assert inner.parent is not None and inner.parent.span_id == step.context.span_id
+
+
+def test_the_memory_gauge_sums_pools_that_hold_one_model(exported, tmp_path, tiny_qwen2):
+    pools = [ModelPool(lambda path: LlamaGenerator(path, n_ctx=256), lambda path, size=size: size,
+                       budget_bytes=1 << 30, keep_alive_s=None, status_dir=tmp_path / f"run{size}")
+             for size in (10 << 20, 20 << 20)]
+    try:
+        with pools[0].checkout("m", tiny_qwen2, "held-twice"), \
+                pools[1].checkout("m", tiny_qwen2, "held-twice"):
+            values = [p.value for p in exported.points()["tongyi_local.pool.memory"]
+                      if p.attributes["tongyi_local.model"] == "held-twice"]
+            assert values == [30 << 20]
+    finally:
+        for pool in pools:
+            pool.close()

@@ -468,9 +468,13 @@ def _observe_queued(options: Any) -> Iterator[metrics.Observation]:
 
 
 def _observe_memory(options: Any) -> Iterator[metrics.Observation]:
+    """Summed per model name: two pools holding one model report it once, as their total."""
+    totals: dict[str, int] = {}
     for pool in list(_pools):
         for model in pool.ps():
-            yield metrics.Observation(model.memory_bytes, {MODEL: model.name})
+            totals[model.name] = totals.get(model.name, 0) + model.memory_bytes
+    for name, value in totals.items():
+        yield metrics.Observation(value, {MODEL: name})
 
 
 _meter.create_observable_gauge("tongyi_local.slots.busy", callbacks=[_observe_slots],
