@@ -20,10 +20,18 @@ timed() {  # timed STEP COMMAND...: run it, then print how long it took
     'BEGIN { printf "[bootstrap] %-22s %7.1f s\n", s, b - a }' >&2
 }
 make_venv() { [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv; }
+# uv resolves and installs the ~130 dependencies in seconds where pip takes minutes; pip stays the
+# fallback when uv cannot be had (and is what `tongyi-local build` installs its wheel with).
 install_deps() {
   local stamp=".venv/.deps-$(sha256sum < pyproject.toml | cut -c1-16)"
   [ -f "$stamp" ] && return
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[starter,test]'
+  if [ -x .venv/bin/uv ] || .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+       'uv>=0.5,<1' 2>/dev/null; then
+    VIRTUAL_ENV="$PWD/.venv" .venv/bin/uv pip install --quiet --python .venv/bin/python \
+      -e '.[starter,test]'
+  else
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[starter,test]'
+  fi
   rm -f .venv/.deps-*; touch "$stamp"
 }
 
@@ -42,7 +50,9 @@ case "$job" in
     exec .venv/bin/tongyi-local generate --chat -n 96 -t 0 "${@:-Which city is the capital of France?}" ;;
   test)
     set +e
-    .venv/bin/python -m pytest "$@"
+    # One pytest-xdist worker per CPU, each pinned to its own share (tests/conftest.py), so the
+    # suite's llama.cpp thread pools never contend; `./bootstrap.sh test -n 0` runs serially.
+    .venv/bin/python -m pytest -n auto --dist worksteal "$@"
     rc=$?
     # pytest exits 5 when no test ran: that is a failure here, not a pass.
     [ "$rc" -eq 5 ] && echo "error: no tests ran" >&2

@@ -12,6 +12,22 @@ import pytest
 # cache. tests/test_kv_disk.py turns the cache on with a directory of its own.
 os.environ["TONGYI_LOCAL_KV_CACHE_BYTES"] = "0"
 
+
+def _pin_to_a_share_of_the_cores() -> None:
+    """Under pytest-xdist each worker runs on its own share of the CPUs, so the library's thread
+    plan (which follows the affinity mask) gives each worker's llama.cpp that many threads and
+    the workers' spinning thread pools never contend for one core. Subprocesses inherit it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    share = cpus[int(worker[2:]) % len(cpus)::count] or cpus
+    os.sched_setaffinity(0, share)
+
+
+_pin_to_a_share_of_the_cores()
+
 from tongyi_local.store import starter_model
 from tongyi_local.testing import write_tiny_model
 
