@@ -27,8 +27,10 @@ install_deps() {
   [ -f "$stamp" ] && return
   if [ -x .venv/bin/uv ] || .venv/bin/python -m pip install --quiet --disable-pip-version-check \
        'uv>=0.5,<1' 2>/dev/null; then
-    VIRTUAL_ENV="$PWD/.venv" .venv/bin/uv pip install --quiet --python .venv/bin/python \
-      -e '.[starter,test]'
+    # compiled now, as pip does: where PYTHONDONTWRITEBYTECODE is set, every test subprocess
+    # would otherwise compile its imports from source
+    VIRTUAL_ENV="$PWD/.venv" .venv/bin/uv pip install --quiet --compile-bytecode \
+      --python .venv/bin/python -e '.[starter,test]'
   else
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[starter,test]'
   fi
