@@ -12,13 +12,12 @@ import tongyi_local
 from tongyi_local.errors import InvalidRequestError
 
 PROMPTS = ["The history of the printing press", "A recipe for bread starts with",
-           "In distributed systems, consensus", "The largest desert on Earth",
-           "Photosynthesis converts", "def fibonacci(n):"]
+           "In distributed systems, consensus", "def fibonacci(n):"]
 
 
 def test_deterministic_greedy_text_is_the_same_whatever_else_runs(starter_path):
     with tongyi_local.load(starter_path, n_ctx=1024, slots=4) as model:
-        solo = {p: model.complete(p, max_tokens=24, temperature=0, deterministic=True).text
+        solo = {p: model.complete(p, max_tokens=16, temperature=0, deterministic=True).text
                 for p in PROMPTS}
         got: list[tuple[str, str]] = []
         errors: list[BaseException] = []
@@ -27,7 +26,7 @@ def test_deterministic_greedy_text_is_the_same_whatever_else_runs(starter_path):
             try:
                 for i in range(len(PROMPTS)):
                     p = PROMPTS[(i + offset) % len(PROMPTS)]
-                    got.append((p, model.complete(p, max_tokens=24, temperature=0,
+                    got.append((p, model.complete(p, max_tokens=16, temperature=0,
                                                   deterministic=True).text))
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
@@ -39,13 +38,13 @@ def test_deterministic_greedy_text_is_the_same_whatever_else_runs(starter_path):
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
 
-        threads = [threading.Thread(target=reproducible, args=(k,)) for k in range(3)]
+        threads = [threading.Thread(target=reproducible, args=(k,)) for k in range(2)]
         threads += [threading.Thread(target=noise) for _ in range(2)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=300)
-        assert not errors and len(got) == 3 * len(PROMPTS)
+        assert not errors and len(got) == 2 * len(PROMPTS)
         differing = [p for p, text in got if text != solo[p]]
         assert differing == []
 
