@@ -228,12 +228,12 @@ def test_a_consumer_that_stops_reading_frees_its_slot(starter_path, how):
     assert after.usage.completion_tokens == 5
 
 
-def test_context_exhaustion_ends_one_request_and_spares_the_others(starter_path):
-    # Three requests share one 256-cell cache. Two never stop by themselves; together they run
-    # out of cells. The one holding more cells (started first, longer prompt) ends with
+def test_context_exhaustion_ends_one_request_and_spares_the_others(tiny_qwen2):
+    # Three requests share one 256-cell cache. Two never stop (GREEDY ignores EOS); together
+    # they run out of cells. The one holding more cells (started first, longer prompt) ends with
     # ContextOverflowError; the other then has the cache to itself and ends with "length" at the
     # context's end; the short one finishes normally, and the model serves on afterwards.
-    with LlamaGenerator(starter_path, n_ctx=256, slots=3, reuse_prompt_prefix=False) as gen:
+    with LlamaGenerator(tiny_qwen2, n_ctx=256, slots=3, reuse_prompt_prefix=False) as gen:
         n_ctx = gen.info.n_ctx
         short_alone = gen.complete("Red, green,", max_tokens=6, **GREEDY)
         first = gen.stream("Once upon a time in a land far away there lived", max_tokens=10 * n_ctx,

@@ -125,8 +125,8 @@ def test_prompt_longer_than_context_names_both_counts(starter_path):
         assert small.complete(PROMPT, temperature=0, max_tokens=3).usage.completion_tokens >= 1
 
 
-def test_generation_stops_at_the_end_of_the_context(starter_path):
-    with LlamaGenerator(starter_path, n_ctx=32) as small:
+def test_generation_stops_at_the_end_of_the_context(tiny_qwen2):
+    with LlamaGenerator(tiny_qwen2, n_ctx=32) as small:
         n_ctx = small.info.n_ctx
         done = small.complete(PROMPT, temperature=0, max_tokens=n_ctx * 2, ignore_eos=True)
     assert done.finish_reason == "length"

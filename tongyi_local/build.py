@@ -279,7 +279,8 @@ def _build_tools(preset: Preset, build_dir: Path, tools: tuple[str, ...]) -> Non
     if cache.exists() and f"CMAKE_HOME_DIRECTORY:INTERNAL={src}\n" not in cache.read_text():
         shutil.rmtree(build_dir)  # configured from another source tree: start clean
     _run(["cmake", "-S", str(src), "-B", str(build_dir), *preset.cmake_args, "-DBUILD_SHARED_LIBS=OFF",
-          "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+          # examples (llama-lookup, ...) only add targets: the ones asked for are built below
+          "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=ON",
           "-DLLAMA_BUILD_SERVER=OFF"],
          f"configuring llama.cpp tools with preset {preset.name!r}",
          log=cache_dir() / f"tools-{preset.key}-configure.log")
