@@ -83,7 +83,7 @@ def perplexity_tool():
 @pytest.mark.slow
 def test_kld_matches_llama_perplexity_on_the_tiny_pair(ladder, corpus_path, perplexity_tool):
     check = crosscheck(ladder[0], ladder[-1], corpus_path, binary=perplexity_tool, n_ctx=128,
-                       chunks=3, threads=2)
+                       chunks=3)
     assert check.tokens >= 100  # llama-perplexity prints statistics only from 100 tokens
     assert check.within, check
     assert abs(check.ours_kld_mean - check.llama_kld_mean) <= (
@@ -98,7 +98,7 @@ def test_kld_matches_llama_perplexity_on_the_starter_model(starter_path, tmp_pat
     lower = quantize(starter_path, tmp_path / "starter-Q3_K_M.gguf", "Q3_K_M",
                      allow_requantize=True).output
     check = crosscheck(starter_path, lower, corpus_path, binary=perplexity_tool, n_ctx=128,
-                       chunks=2, threads=2)
+                       chunks=2)
     assert check.llama_kld_mean > 0.01  # a real, measurable divergence
     assert check.within, check
 

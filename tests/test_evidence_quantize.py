@@ -75,7 +75,7 @@ def test_importance_matrix_from_llama_imatrix_is_applied(f16_model, tmp_path, im
     from tongyi_local.evidence.tools import make_imatrix
 
     imatrix = make_imatrix(imatrix_tool, f16_model, corpus_path, tmp_path / "tiny.imatrix.gguf",
-                           n_ctx=128, chunks=4, threads=2)
+                           n_ctx=128, chunks=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         result = quantize(f16_model, tmp_path / "iq.gguf", "Q4_K_M", imatrix=imatrix)

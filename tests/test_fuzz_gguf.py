@@ -90,19 +90,20 @@ def test_seeds_lay_out_byte_for_byte(tiny_files, tiny_seeds, big_seeds, tmp_path
 # --- the CI-sized run ---------------------------------------------------------------------------
 
 def test_mutation_run_no_crash_no_hang_every_reject_named(tiny_seeds, big_seeds, tmp_path):
-    """A few hundred mutants: every one accepted or refused with a reason naming the file, the
-    accepted ones loaded by llama.cpp in child processes without a crash or a hang."""
+    """250 mutants (benchmarks/reliability.py runs thousands): every one accepted or refused
+    with a reason naming the file, the accepted ones loaded by llama.cpp in child processes
+    without a crash or a hang."""
     seeds = tiny_seeds + big_seeds
     weights = [R.SEED_WEIGHTS[s.name] for s in seeds]
-    report = R.fuzz_files(400, seeds=seeds, weights=weights, workers=2, rng_seed=1,
+    report = R.fuzz_files(250, seeds=seeds, weights=weights, workers=2, rng_seed=1,
                           directory=tmp_path)
     R.print_file_report(report)
-    assert report.files == 400
+    assert report.files == 250
     assert report.header_bugs == [] and report.header_hangs == []
     assert report.crashes == [] and report.hangs == [] and report.load_bugs == []
     assert report.header_max_s < 5
     # the run means something: both verdicts, many reasons, and real loads
-    assert report.accepted > 80 and sum(report.rejected.values()) > 120
+    assert report.accepted > 50 and sum(report.rejected.values()) > 75
     assert len(report.rejected) >= 12
     assert report.loads["loaded"] > 10
 
