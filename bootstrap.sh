@@ -8,6 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 job="${1:-run}"; shift || true
+# Bytecode is cached under .venv/pycache even where PYTHONDONTWRITEBYTECODE is set (nothing is
+# written into source trees): the suite starts hundreds of Python subprocesses, and each would
+# otherwise compile every module it imports again.
+export PYTHONPYCACHEPREFIX="$PWD/.venv/pycache"
+unset PYTHONDONTWRITEBYTECODE
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 
@@ -27,10 +32,8 @@ install_deps() {
   [ -f "$stamp" ] && return
   if [ -x .venv/bin/uv ] || .venv/bin/python -m pip install --quiet --disable-pip-version-check \
        'uv>=0.5,<1' 2>/dev/null; then
-    # compiled now, as pip does: where PYTHONDONTWRITEBYTECODE is set, every test subprocess
-    # would otherwise compile its imports from source
-    VIRTUAL_ENV="$PWD/.venv" .venv/bin/uv pip install --quiet --compile-bytecode \
-      --python .venv/bin/python -e '.[starter,test]'
+    VIRTUAL_ENV="$PWD/.venv" .venv/bin/uv pip install --quiet --python .venv/bin/python \
+      -e '.[starter,test]'
   else
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[starter,test]'
   fi

@@ -125,15 +125,15 @@ def _request(registry: Registry, role: str, prompt: str, max_tokens: int,
 
 
 def _hammer(registry: Registry, threads: int, per_thread: int, max_tokens: int,
-            deterministic: bool, timeout_s: float) -> tuple[list[tuple[str, str, str]],
-                                                            list[str], float, bool]:
+            deterministic: bool, timeout_s: float,
+            prompts: list[str]) -> tuple[list[tuple[str, str, str]], list[str], float, bool]:
     results: list[tuple[str, str, str]] = []
     errors: list[str] = []
     lock = threading.Lock()
 
     def work(k: int) -> None:
         for i in range(per_thread):
-            role, prompt = ROLES[(k + i) % len(ROLES)], PROMPTS[(k * 7 + i) % len(PROMPTS)]
+            role, prompt = ROLES[(k + i) % len(ROLES)], prompts[(k * 7 + i) % len(prompts)]
             try:
                 text = _request(registry, role, prompt, max_tokens, deterministic)
                 with lock:
@@ -155,16 +155,18 @@ def _hammer(registry: Registry, threads: int, per_thread: int, max_tokens: int,
 
 def run_load(registry: Registry, *, threads: int = 8, per_thread: int = 100,
              max_tokens: int = 12, streams: int = 50, timeout_s: float = 1800.0,
-             seed: int = 0) -> LoadReport:
+             seed: int = 0, n_prompts: int = len(PROMPTS)) -> LoadReport:
+    """``n_prompts``: how many of PROMPTS the threads send (each is also run alone, twice)."""
     report = LoadReport()
-    solo = {(r, p): _request(registry, r, p, max_tokens, False) for r in ROLES for p in PROMPTS}
+    prompts = PROMPTS[:n_prompts]
+    solo = {(r, p): _request(registry, r, p, max_tokens, False) for r in ROLES for p in prompts}
     results, errors, seconds, stuck = _hammer(registry, threads, per_thread, max_tokens, False,
-                                              timeout_s)
+                                              timeout_s, prompts)
     report.requests, report.errors, report.seconds = len(results), errors, seconds
     report.differing = sum(text != solo[(r, p)] for r, p, text in results)
-    reference = {(r, p): _request(registry, r, p, max_tokens, True) for r in ROLES for p in PROMPTS}
+    reference = {(r, p): _request(registry, r, p, max_tokens, True) for r in ROLES for p in prompts}
     results, errors, seconds, stuck_d = _hammer(registry, threads, per_thread, max_tokens, True,
-                                                timeout_s)
+                                                timeout_s, prompts)
     report.deterministic_requests, report.deterministic_seconds = len(results), seconds
     report.errors += errors
     report.deterministic_differing = sum(text != reference[(r, p)] for r, p, text in results)

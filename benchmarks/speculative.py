@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
+import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import tongyi_local
 from tongyi_local import Message
@@ -135,6 +139,56 @@ def bench(gen: LlamaGenerator, kind: str, width: int, rounds: int, max_tokens: i
             "copied": statistics.mean(copy) if kind == "edit" else None}
 
 
+LOOKUP_SPEED = re.compile(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds")
+LOOKUP_COUNT = re.compile(r"^\s*(n_drafted|n_accept)\s*=\s*(\d+)", re.M)
+
+
+def llama_lookup(binary: Path, model: Path, prompt: str, *, draft: int, max_tokens: int,
+                 n_ctx: int, threads: int) -> tuple[float, str, int, int]:
+    """llama.cpp's own prompt-lookup program (examples/lookup) on one prompt, greedy:
+    (decode t/s, generated text, drafted, accepted). ``draft=0`` is its plain decoding."""
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as fh:
+        fh.write(prompt)
+        fh.flush()
+        done = subprocess.run([str(binary), "-m", str(model), "-f", fh.name, "-n", str(max_tokens),
+                               "-c", str(n_ctx), "-t", str(threads), "-tb", str(threads),
+                               "--temp", "0", "--draft-max", str(draft), "--no-warmup"],
+                              capture_output=True, text=True, timeout=1800, check=True)
+    tokens, seconds = LOOKUP_SPEED.search(done.stderr).groups()
+    counts = dict(LOOKUP_COUNT.findall(done.stderr))
+    return (int(tokens) / float(seconds), done.stdout,
+            int(counts.get("n_drafted", 0)), int(counts.get("n_accept", 0)))
+
+
+def bench_llama_lookup(gen: LlamaGenerator, kind: str, rounds: int, max_tokens: int,
+                       threads: int, draft: int) -> dict:
+    """The same prompts through llama-lookup with drafts of up to ``draft`` tokens and without
+    (interleaved rounds, medians): what llama.cpp's own tool reaches on this machine."""
+    from tongyi_local import build
+
+    binary = build.build_tools(build.select_preset(None), tools=("llama-lookup",))["llama-lookup"]
+    speeds: dict[str, list[float]] = {"off": [], "on": []}
+    same, total, drafted, accepted = 0, 0, 0, 0
+    for r in range(rounds):
+        for prompt in prompts(gen, kind):
+            texts = {}
+            for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                tps, text, d, a = llama_lookup(binary, gen.path, prompt,
+                                               draft=draft if mode == "on" else 0,
+                                               max_tokens=max_tokens, n_ctx=gen.info.n_ctx,
+                                               threads=threads)
+                speeds[mode].append(tps)
+                texts[mode] = text
+                if mode == "on":
+                    drafted, accepted = drafted + d, accepted + a
+            same += texts["on"] == texts["off"]
+            total += 1
+    off, on = statistics.median(speeds["off"]), statistics.median(speeds["on"])
+    return {"kind": kind, "B": 1, "off_tps": off, "on_tps": on, "ratio": on / off if off else 0.0,
+            "acceptance": accepted / drafted if drafted else 0.0, "drafted": drafted,
+            "identical": f"{same}/{total}", "copied": None}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="chat,starter", help="chat, starter or a GGUF path")
@@ -142,9 +196,13 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--widths", default="1,4")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--max-draft", type=int, default=8, help="draft tokens per step at most")
+    parser.add_argument("--ngram-size", type=int, default=3)
     parser.add_argument("--functions", type=int, default=30,
                         help="functions in the edited module (9 lines each)")
     parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument("--no-llama-lookup", action="store_true",
+                        help="skip llama.cpp's own llama-lookup on the same prompts (B=1)")
     args = parser.parse_args()
     globals()["N_FUNCTIONS"] = args.functions
     paths = {"chat": tongyi_local.starter_chat_model_path, "starter": tongyi_local.starter_model_path}
@@ -154,7 +212,8 @@ def main() -> int:
     for name in args.models.split(","):
         path = paths[name]() if name in paths else name
         with LlamaGenerator(path, n_ctx=16384, slots=4, threads=args.threads,
-                            speculative="ngram") as gen:
+                            speculative="ngram", max_draft=args.max_draft,
+                            ngram_size=args.ngram_size) as gen:
             for width in map(int, args.widths.split(",")):
                 for kind in ("edit", "fresh"):
                     row = bench(gen, kind, width, args.rounds, args.max_tokens)
@@ -164,6 +223,16 @@ def main() -> int:
                     print(f"{gen.name:<28} {kind:<5} {width:>2} {row['off_tps']:>8.1f} "
                           f"{row['on_tps']:>8.1f} {row['ratio']:>5.2f}x {row['acceptance']:>6.0%} "
                           f"{row['identical']:>9} {cp:>7}", flush=True)
+            if args.no_llama_lookup:
+                continue
+            for kind in ("edit", "fresh"):
+                row = bench_llama_lookup(gen, kind, args.rounds, args.max_tokens,
+                                         gen.thread_plan.threads, args.max_draft)
+                row["model"] = f"llama-lookup {gen.name}"
+                rows.append(row)
+                print(f"{row['model']:<28} {kind:<5} {1:>2} {row['off_tps']:>8.1f} "
+                      f"{row['on_tps']:>8.1f} {row['ratio']:>5.2f}x {row['acceptance']:>6.0%} "
+                      f"{row['identical']:>9} {'-':>7}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

@@ -73,9 +73,10 @@ def test_quant_table_covers_the_ladder():
 @pytest.mark.slow
 def test_importance_matrix_from_llama_imatrix_is_applied(f16_model, tmp_path, imatrix_tool, corpus_path):
     from tongyi_local.evidence.tools import make_imatrix
+    from tongyi_local.hardware import this_machine_plan
 
     imatrix = make_imatrix(imatrix_tool, f16_model, corpus_path, tmp_path / "tiny.imatrix.gguf",
-                           n_ctx=128, chunks=4)
+                           n_ctx=128, chunks=4, threads=this_machine_plan().threads)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         result = quantize(f16_model, tmp_path / "iq.gguf", "Q4_K_M", imatrix=imatrix)

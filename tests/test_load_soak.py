@@ -21,7 +21,7 @@ def registry(tmp_path, chat_model_path, tiny_qwen2):
 
 def test_threads_and_cancelled_streams_on_shared_models(registry):
     report = load_soak.run_load(registry, threads=8, per_thread=3, max_tokens=8, streams=10,
-                                timeout_s=600)
+                                n_prompts=4, timeout_s=600)
     assert not report.deadlocked and report.errors == []
     assert report.requests == report.deterministic_requests == 24
     assert report.deterministic_differing == 0
