@@ -59,9 +59,15 @@ def llm(env: dict[str, str], *args: str, stdin: str | None = None,
 
 
 def logged(env: dict[str, str], count: int) -> list[dict]:
-    """The last ``count`` responses in llm's log, oldest first (``llm logs --json``)."""
-    done = llm(env, "logs", "--json", "-n", str(count))
-    assert done.returncode == 0, done.stderr
+    """The last ``count`` responses in llm's log, oldest first: ``llm logs --json`` run by
+    click's test runner in this process (llm's own command on the same log database, without
+    another interpreter start per check)."""
+    from click.testing import CliRunner
+    from llm.cli import cli
+
+    done = CliRunner().invoke(cli, ["logs", "--json", "-n", str(count)],
+                              env={"LLM_USER_PATH": env["LLM_USER_PATH"]})
+    assert done.exit_code == 0, done.output
     return json.loads(done.stdout)
 
 
