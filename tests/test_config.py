@@ -88,6 +88,7 @@ def test_the_repository_models_toml_holds_the_plan(monkeypatch):
     (GOOD_MODEL + "sha256 = 'abc123'\n", ["models.mine.sha256", "64 lowercase hex"]),
     (GOOD_MODEL + "threads = 0\n", ["models.mine.threads", "auto"]),
     (GOOD_MODEL + "kv_cache_type = 'q3'\n", ["kv_cache_type", "q8_0"]),
+    (GOOD_MODEL + "speculative = true\n", ["models.mine.speculative", "ngram, off"]),
     (GOOD_MODEL + "[models.mine.sampling]\ntemperature = -1\n", ["models.mine.sampling",
                                                                   "temperature"]),
     ("[models.hubby]\nsource = 'hub'\nrepo = 'a/b'\n", ["models.hubby.file", "required"]),

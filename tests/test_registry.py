@@ -197,3 +197,26 @@ def test_local_only_roles_never_reach_a_remote_backend(routed):
     # the scripted cloud model was never asked: its reply is still unused
     assert routed.for_role("coder").chat([{"role": "user", "content": "x"}]).text == (
         "answer from the scripted cloud")
+
+
+def test_speculative_drafting_is_a_model_setting(tmp_path, tiny_qwen2):
+    config = tmp_path / "models.toml"
+    config.write_text(f"""
+[models.drafting]
+source = "path"
+path = "{tiny_qwen2}"
+context_length = 256
+speculative = "ngram"
+
+[models.plain]
+source = "path"
+path = "{tiny_qwen2}"
+context_length = 256
+""")
+    specs = load_config(config).models
+    drafting, plain = load_model(specs["drafting"]), load_model(specs["plain"])
+    try:
+        assert (drafting.speculative, plain.speculative) == ("ngram", None)  # off unless asked
+    finally:
+        drafting.close()
+        plain.close()

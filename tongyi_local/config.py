@@ -44,6 +44,7 @@ SOURCES = ("starter", "starter-chat", "hub", "path")
 QUANTIZATIONS = tuple(sorted({t.name.removeprefix("MOSTLY_") for t in LlamaFileType
                               if t.name != "GUESSED"}))
 PRIVACY = ("any", "local-only")
+SPECULATIVE = ("ngram", "off")  # prompt-lookup drafting per slot, or none
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SAMPLING_KEYS = tuple(f.name for f in fields(Sampling))
 # A model name may become part of a file name (store, caches): no separators, no "..".
@@ -77,6 +78,7 @@ class ModelSpec:
     mlock: bool = False
     kv_cache_type: str = "f16"
     disk_prefix_cache: bool = True  # role prefixes' KV state kept on disk across processes
+    speculative: str = "off"  # "ngram": prompt-lookup drafting per request (LlamaGenerator)
     sampling: dict[str, Any] = field(default_factory=dict)
     # remote backends (dashscope, openai) and the fake one
     model_id: str | None = None
@@ -449,6 +451,8 @@ def _check_load_settings(file: Path, where: str, entry: dict) -> None:
         _choice(file, where + "quantization", entry["quantization"], QUANTIZATIONS)
     if "kv_cache_type" in entry:
         _choice(file, where + "kv_cache_type", entry["kv_cache_type"], KV_CACHE_TYPES)
+    if "speculative" in entry:
+        _choice(file, where + "speculative", entry["speculative"], SPECULATIVE)
     sha = entry.get("sha256")
     if sha is not None and (not isinstance(sha, str) or not _SHA256.match(sha)):
         raise ConfigError(f"{file}: {where}sha256 = {_shown(sha)} is malformed; allowed: 64 "

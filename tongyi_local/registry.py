@@ -57,7 +57,9 @@ def load_model(spec: ModelSpec) -> Generator:
                               n_ubatch=spec.batch_size, threads=_threads(spec.threads),
                               batch_threads=_threads(spec.batch_threads), mmap=spec.mmap,
                               mlock=spec.mlock, sampling=sampling, name=spec.name,
-                              disk_prefix_cache=spec.disk_prefix_cache, **options)
+                              disk_prefix_cache=spec.disk_prefix_cache,
+                              speculative=None if spec.speculative == "off" else spec.speculative,
+                              **options)
     from .backends import remote_from_spec
 
     return remote_from_spec(spec, sampling)

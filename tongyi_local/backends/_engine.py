@@ -283,15 +283,24 @@ class BatchEngine(SlotPolicy):
                 job.drafter.idle_steps += 1
 
     def _step(self) -> None:
+        """One batch: plan, decode, pick. A step of generating sequences only is timed whole
+        (drafting, decode, logits, verification) for the draft cost model: what a draft token
+        costs is everything it adds to a step, not only llama_decode's share."""
+        started = time.perf_counter()
         entries = self._plan(self.n_batch)
+        generating_only = self.speculative is not None and not any(t for _, t, _ in entries)
+        n_tokens = self._batch.struct.n_tokens
+        self._advance(entries)
+        if generating_only and n_tokens:
+            self._cost.observe(n_tokens, time.perf_counter() - started)
+
+    def _advance(self, entries: list[tuple[Slot, int, int]]) -> None:
         t0 = time.perf_counter()
         for slot, take, _ in entries:
             if take and not slot.job.t_prompt:
                 slot.job.t_prompt = t0
         entries = self._decode(entries)
         now = time.perf_counter()
-        if self.speculative is not None and not any(take for _, take, _ in entries):
-            self._cost.observe(self._batch.struct.n_tokens, now - t0)
         outputs, n_rows = [], 0
         for slot, take, index in entries:
             job = slot.job

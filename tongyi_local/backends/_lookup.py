@@ -141,6 +141,9 @@ class StepCost:
         return max(a, 1e-9), self.ratio * max(a, 1e-9)
 
 
+MARGIN = 1.1  # a draft token must be expected to yield 10% more than it costs: the fit is noisy
+
+
 def allocate(drafters: list[Drafter], candidates: list[list[int]], n_tokens: int,
              cost: StepCost, room: int) -> list[int]:
     """How many tokens of each candidate draft to put in a step of ``n_tokens`` batch tokens
@@ -150,6 +153,7 @@ def allocate(drafters: list[Drafter], candidates: list[list[int]], n_tokens: int
     while that chance beats the step's expected tokens per unit of cost times the token's cost
     (adding it raises throughput); per sequence the chances fall with j, so drafts stay prefixes."""
     a, b = cost.line()
+    b *= MARGIN
     taken = [0] * len(candidates)
     expected = float(n_tokens)  # every sequence's own next token is certain
     n = n_tokens

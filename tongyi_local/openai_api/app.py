@@ -79,6 +79,22 @@ def error_body(message: str, kind: str, param: str | None, code: str | None) -> 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A routed call, ready for the sync or the async face to run."""
+
+    call: wire.Call
+    generator: Any
+    ids: wire.ResponseIds
+    events: wire.ChatEvents
+    asked: Any
+    options: dict[str, Any]
+
+    @property
+    def chat(self) -> bool:
+        return isinstance(self.call, wire.ChatCall)
+
+
 class OpenAIApp:
     """Answers ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` and ``/health``."""
 
@@ -186,41 +202,45 @@ class OpenAIApp:
         _log(method, path, reply.status, started)
         return reply
 
-    def _dispatch(self, method: str, path: str, body: bytes) -> Reply:
+    def _prepare(self, method: str, path: str, body: bytes) -> Reply | _Prepared:
+        """The route's answer (a Reply), or the call with its generator and arguments."""
         found = self._route(method, path)(body)
         if isinstance(found, Reply):
             return found
         call, generator = found
         ids, events = _shapes(call)
         asked, options = call.input()
-        if not call.stream:
-            answer = generator.chat if isinstance(call, wire.ChatCall) else generator.complete
-            return Reply.json(_body(call, answer(asked, **options), ids))
-        chunks = generator.stream(asked, **options)
+        return _Prepared(call, generator, ids, events, asked, options)
+
+    def _dispatch(self, method: str, path: str, body: bytes) -> Reply:
+        p = self._prepare(method, path, body)
+        if isinstance(p, Reply):
+            return p
+        if not p.call.stream:
+            answer = p.generator.chat if p.chat else p.generator.complete
+            return Reply.json(_body(p.call, answer(p.asked, **p.options), p.ids))
+        chunks = p.generator.stream(p.asked, **p.options)
         try:
             first = next(chunks)  # failures before the first token get their own status
         except BaseException:
             _close(chunks)
             raise
-        return Reply(200, events=_events(first, chunks, events))
+        return Reply(200, events=_events(first, chunks, p.events))
 
     async def _adispatch(self, method: str, path: str, body: bytes) -> Reply:
-        found = self._route(method, path)(body)
-        if isinstance(found, Reply):
-            return found
-        call, generator = found
-        ids, events = _shapes(call)
-        asked, options = call.input()
-        if not call.stream:
-            answer = generator.achat if isinstance(call, wire.ChatCall) else generator.acomplete
-            return Reply.json(_body(call, await answer(asked, **options), ids))
-        chunks = generator.astream(asked, **options)
+        p = self._prepare(method, path, body)
+        if isinstance(p, Reply):
+            return p
+        if not p.call.stream:
+            answer = p.generator.achat if p.chat else p.generator.acomplete
+            return Reply.json(_body(p.call, await answer(p.asked, **p.options), p.ids))
+        chunks = p.generator.astream(p.asked, **p.options)
         try:
             first = await chunks.__anext__()
         except BaseException:
             await chunks.aclose()
             raise
-        return Reply(200, aevents=_aevents(first, chunks, events))
+        return Reply(200, aevents=_aevents(first, chunks, p.events))
 
     def close(self) -> None:
         """Drop the generators this app made (the shared pool keeps its loaded models)."""
