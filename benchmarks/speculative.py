@@ -73,8 +73,8 @@ FRESH = [
 ]
 
 
-def prompts(gen: LlamaGenerator, kind: str) -> list[str]:
-    source = module_source()
+def prompts(gen: LlamaGenerator, kind: str, functions: int | None = None) -> list[str]:
+    source = module_source(functions)
     if kind == "edit":
         asks = [f"{task}\n\n```python\n{source}```" for task in EDITS]
         return [gen.render_chat((Message("user", a),)) + "```python\n" for a in asks]
@@ -94,13 +94,19 @@ def run_batch(gen: LlamaGenerator, batch: list[str], max_tokens: int) -> tuple[f
 
     def work(i: int) -> None:
         gate.wait()
-        results[i] = gen.complete(batch[i], temperature=0, max_tokens=max_tokens)
+        try:
+            results[i] = gen.complete(batch[i], temperature=0, max_tokens=max_tokens)
+        except Exception as exc:  # noqa: BLE001 - raised below, in the caller's thread
+            results[i] = exc
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batch))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
     if len(batch) == 1:
         return results[0].timings.decode_tokens_per_s, results
     spans = [(c.timings.ttft_ms, c.timings.ttft_ms + c.timings.decode_ms) for c in results]
@@ -110,8 +116,19 @@ def run_batch(gen: LlamaGenerator, batch: list[str], max_tokens: int) -> tuple[f
     return (tokens / span * 1e3 if span > 0 else 0.0), results
 
 
+def fit_module(gen: LlamaGenerator, width: int, max_tokens: int) -> int:
+    """Functions in the edited module such that ``width`` edit requests and their answers fit in
+    the context together (the configured size when they do)."""
+    n = N_FUNCTIONS
+    while n > 4 and width * (len(gen.tokenize(prompts(gen, "edit", n)[0])) + max_tokens + 64) \
+            > gen.info.n_ctx:
+        n -= 2
+    return n
+
+
 def bench(gen: LlamaGenerator, kind: str, width: int, rounds: int, max_tokens: int) -> dict:
-    all_prompts = prompts(gen, kind)
+    functions = fit_module(gen, width, max_tokens)
+    all_prompts = prompts(gen, kind, functions)
     for p in all_prompts:  # cache every prompt so that decode alone is timed
         gen.complete(p, temperature=0, max_tokens=1)
     batches = [[p] for p in all_prompts] if width == 1 else [all_prompts[:width]]
@@ -134,13 +151,14 @@ def bench(gen: LlamaGenerator, kind: str, width: int, rounds: int, max_tokens: i
     gen.speculative = "ngram"
     off, on = statistics.median(speeds["off"]), statistics.median(speeds["on"])
     return {"kind": kind, "B": width, "off_tps": off, "on_tps": on,
+            "module_lines": len(module_source(functions).splitlines()) if kind == "edit" else None,
             "ratio": on / off if off else 0.0, "acceptance": accepted / drafted if drafted else 0.0,
             "drafted": drafted, "identical": f"{same}/{total}",
             "copied": statistics.mean(copy) if kind == "edit" else None}
 
 
 LOOKUP_SPEED = re.compile(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds")
-LOOKUP_COUNT = re.compile(r"^\s*(n_drafted|n_accept)\s*=\s*(\d+)", re.M)
+LOOKUP_COUNT = re.compile(r"\b(n_drafted|n_accept)\s*=\s*(\d+)")
 
 
 def llama_lookup(binary: Path, model: Path, prompt: str, *, draft: int, max_tokens: int,
@@ -150,9 +168,10 @@ def llama_lookup(binary: Path, model: Path, prompt: str, *, draft: int, max_toke
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as fh:
         fh.write(prompt)
         fh.flush()
+        # -b n_ctx: llama-lookup evaluates the whole prompt as one batch
         done = subprocess.run([str(binary), "-m", str(model), "-f", fh.name, "-n", str(max_tokens),
-                               "-c", str(n_ctx), "-t", str(threads), "-tb", str(threads),
-                               "--temp", "0", "--draft-max", str(draft), "--no-warmup"],
+                               "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(threads),
+                               "-tb", str(threads), "--temp", "0", "--spec-draft-n-max", str(draft)],
                               capture_output=True, text=True, timeout=1800, check=True)
     tokens, seconds = LOOKUP_SPEED.search(done.stderr).groups()
     counts = dict(LOOKUP_COUNT.findall(done.stderr))
@@ -194,7 +213,7 @@ def main() -> int:
     parser.add_argument("--models", default="chat,starter", help="chat, starter or a GGUF path")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--widths", default="1,4")
+    parser.add_argument("--widths", default="1,4", help='"" runs only llama-lookup')
     parser.add_argument("--threads", type=int)
     parser.add_argument("--max-draft", type=int, default=8, help="draft tokens per step at most")
     parser.add_argument("--ngram-size", type=int, default=3)
@@ -205,16 +224,17 @@ def main() -> int:
                         help="skip llama.cpp's own llama-lookup on the same prompts (B=1)")
     args = parser.parse_args()
     globals()["N_FUNCTIONS"] = args.functions
-    paths = {"chat": tongyi_local.starter_chat_model_path, "starter": tongyi_local.starter_model_path}
+    paths = {"chat": tongyi_local.starter_chat_model_path,
+             "starter": tongyi_local.starter_model_path}
     rows = []
     print(f"{'model':<28} {'set':<5} {'B':>2} {'off t/s':>8} {'on t/s':>8} {'ratio':>6} "
-          f"{'accept':>7} {'identical':>9} {'copied':>7}")
+          f"{'accept':>7} {'identical':>9} {'copied':>7} {'lines':>5}")
     for name in args.models.split(","):
         path = paths[name]() if name in paths else name
         with LlamaGenerator(path, n_ctx=16384, slots=4, threads=args.threads,
                             speculative="ngram", max_draft=args.max_draft,
                             ngram_size=args.ngram_size) as gen:
-            for width in map(int, args.widths.split(",")):
+            for width in map(int, filter(None, args.widths.split(","))):
                 for kind in ("edit", "fresh"):
                     row = bench(gen, kind, width, args.rounds, args.max_tokens)
                     row["model"] = gen.name
@@ -222,7 +242,8 @@ def main() -> int:
                     cp = f"{row['copied']:.0%}" if row["copied"] is not None else "-"
                     print(f"{gen.name:<28} {kind:<5} {width:>2} {row['off_tps']:>8.1f} "
                           f"{row['on_tps']:>8.1f} {row['ratio']:>5.2f}x {row['acceptance']:>6.0%} "
-                          f"{row['identical']:>9} {cp:>7}", flush=True)
+                          f"{row['identical']:>9} {cp:>7} {row['module_lines'] or '-':>5}",
+                          flush=True)
             if args.no_llama_lookup:
                 continue
             for kind in ("edit", "fresh"):
@@ -232,7 +253,9 @@ def main() -> int:
                 rows.append(row)
                 print(f"{row['model']:<28} {kind:<5} {1:>2} {row['off_tps']:>8.1f} "
                       f"{row['on_tps']:>8.1f} {row['ratio']:>5.2f}x {row['acceptance']:>6.0%} "
-                      f"{row['identical']:>9} {'-':>7}", flush=True)
+                      f"{row['identical']:>9} {'-':>7} "
+                      f"{len(module_source().splitlines()) if kind == 'edit' else '-':>5}",
+                      flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
