@@ -334,13 +334,13 @@ class Timings(Rendered):
     ``decode_tokens = completion_tokens - 1`` decode steps (llama.cpp counts them the same way).
     """
 
-    load_ms: float = 0.0
-    prompt_eval_ms: float = 0.0
-    prompt_eval_tokens: int = 0
-    ttft_ms: float = 0.0
-    decode_ms: float = 0.0
-    decode_tokens: int = 0
-    total_ms: float = 0.0
+    load_ms: float = 0.0  # how long loading the serving model took
+    prompt_eval_ms: float = 0.0  # evaluating the prompt tokens not already cached
+    prompt_eval_tokens: int = 0  # those tokens
+    ttft_ms: float = 0.0  # from the call to the first token
+    decode_ms: float = 0.0  # from the first token to the last
+    decode_tokens: int = 0  # decode steps: completion_tokens - 1
+    total_ms: float = 0.0  # the whole call
     draft_tokens: int = 0  # prompt-lookup draft tokens verified (speculative decoding)
     accepted_tokens: int = 0  # of those, the ones the model's own pick confirmed
 
