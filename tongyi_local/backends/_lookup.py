@@ -141,7 +141,8 @@ class StepCost:
         return max(a, 1e-9), self.ratio * max(a, 1e-9)
 
 
-MARGIN = 1.1  # a draft token must be expected to yield 10% more than it costs: the fit is noisy
+MARGIN = 1.1  # batch tokens are costed 10% above the fitted line: the fit is noisy, and a draft
+# that only breaks even is not worth the risk of a slower step
 
 
 def allocate(drafters: list[Drafter], candidates: list[list[int]], n_tokens: int,
