@@ -27,7 +27,7 @@ class SpeculativeConfig:
 
     ngram_size: int = 3
     max_draft: int = 8
-    min_ngram: int = 1
+    min_ngram: int = 2  # a single matching token predicts prose poorly (drafts cost, not pay)
 
 
 class NgramIndex:
