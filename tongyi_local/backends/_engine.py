@@ -289,8 +289,8 @@ class BatchEngine(SlotPolicy):
         started = time.perf_counter()
         entries = self._plan(self.n_batch)
         generating_only = self.speculative is not None and not any(t for _, t, _ in entries)
-        n_tokens = self._batch.struct.n_tokens
         self._advance(entries)
+        n_tokens = self._batch.struct.n_tokens  # as decoded: a full cache may have cut the drafts
         if generating_only and n_tokens:
             self._cost.observe(n_tokens, time.perf_counter() - started)
 
