@@ -206,17 +206,17 @@ def test_speculative_drafting_is_a_model_setting(tmp_path, tiny_qwen2):
 source = "path"
 path = "{tiny_qwen2}"
 context_length = 256
-speculative = "ngram"
 
 [models.plain]
 source = "path"
 path = "{tiny_qwen2}"
 context_length = 256
+speculative = "off"
 """)
     specs = load_config(config).models
     drafting, plain = load_model(specs["drafting"]), load_model(specs["plain"])
     try:
-        assert (drafting.speculative, plain.speculative) == ("ngram", None)  # off unless asked
+        assert (drafting.speculative, plain.speculative) == ("ngram", None)  # on unless "off"
     finally:
         drafting.close()
         plain.close()

@@ -78,7 +78,7 @@ class ModelSpec:
     mlock: bool = False
     kv_cache_type: str = "f16"
     disk_prefix_cache: bool = True  # role prefixes' KV state kept on disk across processes
-    speculative: str = "off"  # "ngram": prompt-lookup drafting per request (LlamaGenerator)
+    speculative: str = "ngram"  # prompt-lookup drafting per request (LlamaGenerator); "off"
     sampling: dict[str, Any] = field(default_factory=dict)
     # remote backends (dashscope, openai) and the fake one
     model_id: str | None = None

@@ -800,7 +800,7 @@ def _pad256(n: int) -> int:
 
 def memory_breakdown(header: GGUFHeader | str | os.PathLike[str], n_ctx: int,
                      kv_type: str = "f16", n_seq: int = 1, *, n_ubatch: int = 512,
-                     swa_full: bool = True) -> MemoryEstimate:
+                     swa_full: bool = True, n_outputs: int | None = None) -> MemoryEstimate:
     """Weights + KV cache + compute allowance for a context of ``n_ctx`` tokens per sequence.
 
     - weights = the file's tensor bytes (what llama.cpp maps; CPU repacking of some quant types
@@ -813,8 +813,10 @@ def memory_breakdown(header: GGUFHeader | str | os.PathLike[str], n_ctx: int,
       ``swa_full=False``; llama.cpp's default (and the backend's) is a full-size SWA cache.
     - compute = f16 KQ mask per KV cache (n_ubatch x its cells per sequence x 2 B)
       + activations (16 B x n_ubatch x the widest of n_embd, n_ff, n_expert_used x expert_ff,
-      n_head x head_dim) + logits and output buffer (2 x n_vocab x 4 B per sequence: one
-      output per sequence, as the backend sets n_outputs_max) + 1 MiB graph overhead.
+      n_head x head_dim) + the graph's output row per sequence (n_vocab x 4 B each) + the logits
+      buffer (n_vocab x 4 B per row: one row per sequence, or ``n_outputs`` rows, as the
+      backend sets n_outputs_max; llama.cpp grows it to that when a step drafts) + 1 MiB graph
+      overhead.
       Assumes flash attention, which llama.cpp's "auto" picks on CPU.
     Not modelled: MLA (DeepSeek) caches, recurrent-state layers.
     """
@@ -823,6 +825,8 @@ def memory_breakdown(header: GGUFHeader | str | os.PathLike[str], n_ctx: int,
                           f"got {kv_type!r}")
     if n_ctx < 1 or n_seq < 1 or n_ubatch < 1:
         raise ConfigError(f"need n_ctx, n_seq and n_ubatch >= 1 (got {n_ctx}, {n_seq}, {n_ubatch})")
+    if n_outputs is not None and n_outputs < 1:
+        raise ConfigError(f"need n_outputs >= 1 (got {n_outputs})")
     h = _as_header(header)
     att = _attention(h)
     trained = h.context_length
@@ -842,7 +846,7 @@ def memory_breakdown(header: GGUFHeader | str | os.PathLike[str], n_ctx: int,
     widest = max(att.n_embd, n_ff, n_used * n_ff_exp, max(att.n_head, default=0) * att.head_dim_k)
     mask_cells = cells + (cells_swa if any(att.is_swa) and not all(att.is_swa) else 0)
     compute = (n_ubatch * mask_cells * 2 + 16 * n_ubatch * widest
-               + 2 * _n_vocab(h) * 4 * n_seq + MiB)
+               + _n_vocab(h) * 4 * (n_seq + (n_outputs or n_seq)) + MiB)
     return MemoryEstimate(sum(t.n_bytes for t in h.tensors), kv, compute, cells)
 
 

@@ -69,13 +69,17 @@ def estimate_model(spec: ModelSpec) -> int:
     """Bytes a load needs (weights + KV cache at the configured context); remote models: 0."""
     if spec.backend != "llama":
         return 0
+    from .backends._lookup import SpeculativeConfig, logits_rows
+    from .backends.llama import DEFAULT_SLOTS
     from .gguf_header import estimate_memory, read_header
 
     path = model_file(spec)
     if not path.exists():
         raise ModelNotFoundError(f"model {spec.name} is not in the store at {path}; "
                                  f"run: tongyi-local models pull {spec.name}")
-    return estimate_memory(read_header(path), spec.context_length, spec.kv_cache_type)
+    drafts = SpeculativeConfig() if spec.speculative != "off" else None
+    return estimate_memory(read_header(path), spec.context_length, spec.kv_cache_type,
+                           n_outputs=logits_rows(DEFAULT_SLOTS, drafts, spec.batch_size))
 
 
 def pool_key(spec: ModelSpec) -> tuple:

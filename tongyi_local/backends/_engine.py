@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import BackendError, ContextOverflowError, GeneratorClosedError, OutputParseError
 from ..types import Chunk, Completion, Timings, Usage
 from ._jobs import CLOSED, Job
-from ._lookup import Drafter, SpeculativeConfig, StepCost, allocate
+from ._lookup import Drafter, SpeculativeConfig, allocate
 from ._sequence import GrammarDeadEnd
 from ._slots import Slot, SlotPolicy
 
@@ -72,7 +72,6 @@ class BatchEngine(SlotPolicy):
         self.reuse_prefix = reuse_prefix
         self.speculative = speculative  # read at each step; None: no drafts
         self.n_outputs = n_outputs or n_slots  # logits rows one step may ask for
-        self._cost = StepCost()  # decode time per batch token, for the draft lengths
         self.model_name, self.load_ms = name, 0.0
         self._on_exit = on_exit
         self._slots = [Slot(i) for i in range(n_slots)]
@@ -275,7 +274,7 @@ class BatchEngine(SlotPolicy):
         if not candidates:
             return
         room = min(self.n_outputs, self.n_batch) - len(self._active)
-        taken = allocate(drafters, candidates, len(generating), self._cost, room)
+        taken = allocate(drafters, candidates, len(generating), config.draft_cost, room)
         for job, candidate, k in zip(jobs, candidates, taken):
             if k:
                 job.draft = candidate[:k]
@@ -283,16 +282,8 @@ class BatchEngine(SlotPolicy):
                 job.drafter.idle_steps += 1
 
     def _step(self) -> None:
-        """One batch: plan, decode, pick. A step of generating sequences only is timed whole
-        (drafting, decode, logits, verification) for the draft cost model: what a draft token
-        costs is everything it adds to a step, not only llama_decode's share."""
-        started = time.perf_counter()
-        entries = self._plan(self.n_batch)
-        generating_only = self.speculative is not None and not any(t for _, t, _ in entries)
-        self._advance(entries)
-        n_tokens = self._batch.struct.n_tokens  # as decoded: a full cache may have cut the drafts
-        if generating_only and n_tokens:
-            self._cost.observe(n_tokens, time.perf_counter() - started)
+        """One batch: plan, decode, pick."""
+        self._advance(self._plan(self.n_batch))
 
     def _advance(self, entries: list[tuple[Slot, int, int]]) -> None:
         t0 = time.perf_counter()

@@ -31,7 +31,7 @@ from ..types import Chunk, Completion, Message, Request, Sampling
 from .base import BaseGenerator
 from ._engine import BatchEngine
 from ._jobs import Job, Stream
-from ._lookup import SpeculativeConfig
+from ._lookup import DRAFT_COST, SpeculativeConfig, logits_rows
 from ._slots import common_prefix
 from .prefix_store import PrefixCacheSettings, PrefixKey, PrefixStore
 from ._sequence import Sequence, Utf8Tables
@@ -69,6 +69,9 @@ def _free(ctx: object, model: object) -> None:
         L.llama_model_free(model)
 
 
+DEFAULT_SLOTS = 4  # concurrent requests one loaded model serves (sequences of its KV cache)
+
+
 class LlamaGenerator(BaseGenerator):
     """A GGUF model loaded in-process, serving up to ``slots`` requests at once.
 
@@ -89,15 +92,16 @@ class LlamaGenerator(BaseGenerator):
     named tool call, and a structured answer, always parse and validate; in ``auto`` mode the
     grammar wakes up when the model writes ``<tool_call>`` (llama.cpp's lazy grammar).
 
-    ``speculative="ngram"`` drafts, per running request, the tokens that followed
+    ``speculative="ngram"`` (the default) drafts, per running request, the tokens that followed
     the latest earlier occurrence of its last ``ngram_size`` tokens (prompt-lookup decoding; up
     to ``max_draft`` per step) and verifies them in the same batch: each kept token is the one
     the request's own pick (argmax, its sampler chain, its grammar) makes, so greedy text is
     unchanged and sampled text keeps its distribution (with a seed, the same draws). Draft
-    lengths follow each request's acceptance and the measured cost of a batch token; a request
-    whose drafts keep failing stops drafting. ``deterministic`` requests never draft. Verifying
-    several tokens in one batch can change a greedy pick at a near-tie (quantized kernels are
-    not batch-invariant), as batching with other requests can. ``None`` turns it off.
+    lengths follow each request's acceptance and a fixed ``draft_cost`` per batch token (so
+    they depend on the tokens alone and greedy text repeats run after run); a request whose
+    drafts keep failing stops drafting. ``deterministic`` requests never draft. Verifying
+    several tokens in one batch can change a greedy pick at a near-tie (llama.cpp's CPU kernels
+    are not batch-invariant), as batching with other requests can. ``None`` turns it off.
     """
 
     guarantees_schema = True
@@ -107,12 +111,12 @@ class LlamaGenerator(BaseGenerator):
                  n_ubatch: int = 512, threads: int | None = None, batch_threads: int | None = None,
                  pin_threads: bool = True, mmap: bool = True, mlock: bool = False,
                  reuse_prompt_prefix: bool = True, sampling: Sampling | None = None,
-                 name: str | None = None, slots: int = 4, kv_cache_type: str = "f16",
+                 name: str | None = None, slots: int = DEFAULT_SLOTS, kv_cache_type: str = "f16",
                  disk_prefix_cache: bool | PrefixCacheSettings = True,
-                 speculative: str | None = None, ngram_size: int = 3,
-                 max_draft: int = 8) -> None:
+                 speculative: str | None = "ngram", ngram_size: int = 3,
+                 max_draft: int = 8, draft_cost: float = DRAFT_COST) -> None:
         started = time.perf_counter()
-        spec = _speculative_config(speculative, ngram_size, max_draft)
+        spec = _speculative_config(speculative, ngram_size, max_draft, draft_cost)
         if not isinstance(slots, int) or not 1 <= slots <= min(n_batch, 256):
             raise InvalidRequestError(f"slots must be an integer in [1, {min(n_batch, 256)}] "
                                       f"(got {slots!r})")
@@ -135,7 +139,7 @@ class LlamaGenerator(BaseGenerator):
                      self.path.name)
             spec = None
         self._spec = spec
-        n_outputs = min(slots * (1 + spec.max_draft), n_batch) if spec else slots
+        n_outputs = logits_rows(slots, spec, n_batch)
         self._ctx = self._new_context(n_ctx, n_batch, n_ubatch, slots,
                                       ggml_type(kv_cache_type).value, n_outputs)
         self._vocab = L.llama_model_get_vocab(self._model)
@@ -418,16 +422,22 @@ def _prefix_store(option: bool | PrefixCacheSettings, path: Path, n_ctx: int,
     return PrefixStore(PrefixKey.for_model(path, n_ctx=n_ctx, kv_type=kv_type), settings)
 
 
-def _speculative_config(kind: object, ngram_size: object,
-                        max_draft: object) -> SpeculativeConfig | None:
+def _speculative_config(kind: object, ngram_size: object, max_draft: object,
+                        draft_cost: object = DRAFT_COST) -> SpeculativeConfig | None:
     if kind is not None and kind != "ngram":
         raise InvalidRequestError(f"speculative must be 'ngram' or None (got {kind!r})")
     for name, value, top in (("ngram_size", ngram_size, 16), ("max_draft", max_draft, 64)):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
             raise InvalidRequestError(f"{name} must be an integer in [1, {top}] (got {value!r})")
+    if (not isinstance(draft_cost, (int, float)) or isinstance(draft_cost, bool)
+            or not 0 <= draft_cost <= 1):
+        raise InvalidRequestError(f"draft_cost must be a number in [0, 1], the share of a "
+                                  f"one-request step one draft token adds (got {draft_cost!r})")
     if kind is None:
         return None
-    return SpeculativeConfig(ngram_size=ngram_size, max_draft=max_draft)
+    return SpeculativeConfig(ngram_size=ngram_size, max_draft=max_draft,
+                             min_ngram=min(ngram_size, SpeculativeConfig.min_ngram),
+                             draft_cost=float(draft_cost))
 
 
 def _builtin_template_for(header: GGUFHeader) -> bytes:
