@@ -9,7 +9,9 @@ model's Q4_K kernels are not batch-invariant; ``benchmarks/speculative.py`` meas
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
@@ -213,6 +215,44 @@ def test_seeded_sampling_draws_the_same_text_with_drafts(tiny, seed):
                                                   temperature=0.7, top_k=0, top_p=1.0,
                                                   min_p=0.0, seed=seed, ignore_eos=True))
     assert spec.text == plain.text
+
+
+def chi_square_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square value a statistic with ``df`` degrees of freedom exceeds with probability
+    ~0.001 (z = 3.09), by the Wilson-Hilferty approximation."""
+    k = 2.0 / (9.0 * df)
+    return df * (1.0 - k + z * math.sqrt(k)) ** 3
+
+
+def test_sampled_tokens_follow_the_same_distribution_with_drafts(tiny):
+    """Independent seeds with and without drafts: the last token of 30-token sampled runs has
+    one distribution (chi-square test of homogeneity at p = 0.001; one draw per run, so the
+    counts are independent). The temperature is low because the tiny model's logits are nearly
+    flat: only near-greedy sampling repeats itself enough for drafts to be kept."""
+    runs, n_tokens = 400, 30
+    counts: dict[str, Counter] = {"off": Counter(), "on": Counter()}
+    kept = 0
+    for mode, first_seed in (("off", 0), ("on", 100_000)):
+        with speculation(tiny, "ngram" if mode == "on" else None):
+            for seed in range(first_seed, first_seed + runs):
+                chunks = list(tiny.stream(REPEATING[2], max_tokens=n_tokens, temperature=0.004,
+                                          top_k=0, top_p=1.0, min_p=0.0, seed=seed,
+                                          ignore_eos=True))
+                counts[mode][chunks[-2].text] += 1  # the last token's piece
+                kept += chunks[-1].completion.timings.accepted_tokens
+    assert kept > runs  # drafts were kept: the runs went through the verify path
+    common = {k for k in counts["off"].keys() | counts["on"].keys()
+              if counts["off"][k] + counts["on"][k] >= 10}
+    cells = {m: [counts[m][k] for k in sorted(common)]
+             + [sum(v for k, v in counts[m].items() if k not in common)] for m in counts}
+    stat = 0.0
+    for j in range(len(cells["off"])):
+        both_ways = cells["off"][j] + cells["on"][j]
+        for m in cells:
+            expected = both_ways / 2  # the same number of runs each way
+            stat += (cells[m][j] - expected) ** 2 / expected if expected else 0.0
+    assert len(common) >= 4, counts
+    assert stat < chi_square_critical(len(cells["off"]) - 1), (stat, cells)
 
 
 def test_penalised_greedy_is_the_same_with_drafts(tiny):

@@ -89,7 +89,7 @@ class Drafter:
     PRIOR_ACCEPTED, PRIOR_REJECTED = 1.5, 1.0  # a first guess: drafts are right ~60% per token
     DECAY = 0.9  # per verified draft: recent acceptance counts most
     PROBE_EVERY = 64  # steps between probes of a sequence whose drafts stopped paying
-    PROBE_MIN_ALPHA = 0.5  # a probe drafts at least as if acceptance were this
+    PROBE_TOKENS = 2  # a probe verifies this many draft tokens whatever they are expected to pay
 
     def __init__(self, config: SpeculativeConfig, history: list[int]) -> None:
         self.config = config
@@ -97,7 +97,7 @@ class Drafter:
         self.index.extend(history)
         self.accepted = self.PRIOR_ACCEPTED
         self.rejected = self.PRIOR_REJECTED
-        self.idle_steps = 0  # steps since this sequence last had a draft verified
+        self.idle_steps = self.PROBE_EVERY  # steps since a draft was verified: the first probes
         self.drafted_total = 0
         self.accepted_total = 0
 
@@ -112,12 +112,15 @@ class Drafter:
     def candidate(self, limit: int) -> list[int]:
         return self.index.draft(min(limit, self.config.max_draft))
 
+    @property
+    def probing(self) -> bool:
+        """Due to verify a short draft to learn its acceptance: at its first match, and every
+        ``PROBE_EVERY`` steps without drafts (a sequence may start copying again)."""
+        return self.idle_steps >= self.PROBE_EVERY
+
     def gain(self, j: int) -> float:
-        """Probability that the j-th draft token (1-based) is used; a probe is credited more."""
-        alpha = self.alpha
-        if self.idle_steps >= self.PROBE_EVERY:
-            alpha = max(alpha, self.PROBE_MIN_ALPHA)
-        return alpha ** j
+        """Probability that the j-th draft token (1-based) is used."""
+        return self.alpha ** j
 
     def record(self, drafted: int, accepted: int) -> None:
         """A draft of ``drafted`` tokens was verified and its first ``accepted`` were right."""
@@ -140,6 +143,11 @@ def allocate(drafters: list[Drafter], candidates: list[list[int]], n_tokens: int
     taken = [0] * len(candidates)
     expected = float(n_tokens)  # every sequence's own next token is certain
     n = n_tokens
+    for i, (drafter, cand) in enumerate(zip(drafters, candidates)):
+        if drafter.probing:  # acceptance is only learnt from verified drafts
+            taken[i] = max(0, min(Drafter.PROBE_TOKENS, len(cand), room - (n - n_tokens)))
+            expected += sum(drafter.gain(j) for j in range(1, taken[i] + 1))
+            n += taken[i]
     while n - n_tokens < room:
         best, best_gain = -1, 0.0
         for i, (drafter, cand) in enumerate(zip(drafters, candidates)):
