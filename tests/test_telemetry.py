@@ -43,22 +43,28 @@ KEY = "sk-test-telemetry-0123456789"
 DELTA = AggregationTemporality.DELTA
 
 
+_installed: list = []  # the providers of this process, once set (OpenTelemetry refuses a second)
+
+
 @pytest.fixture(scope="module")
 def otel():
-    """The real SDK, installed as the global providers once for this module."""
-    exporter = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
-    reader = InMemoryMetricReader(preferred_temporality={
-        Counter: DELTA, UpDownCounter: DELTA, Histogram: DELTA, ObservableCounter: DELTA,
-        ObservableUpDownCounter: DELTA, ObservableGauge: DELTA})
-    meter_provider = MeterProvider(metric_readers=[reader])
-    trace.set_tracer_provider(tracer_provider)
-    metrics.set_meter_provider(meter_provider)
-    assert trace.get_tracer_provider() is tracer_provider, "another module set a provider first"
-    yield Exported(exporter, reader)
-    tracer_provider.shutdown()
-    meter_provider.shutdown()
+    """The real SDK, installed as the global providers once per process: a worker may run this
+    module's tests in more than one stretch, and each stretch sets the module fixture up again."""
+    if not _installed:
+        exporter = InMemorySpanExporter()
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+        reader = InMemoryMetricReader(preferred_temporality={
+            Counter: DELTA, UpDownCounter: DELTA, Histogram: DELTA, ObservableCounter: DELTA,
+            ObservableUpDownCounter: DELTA, ObservableGauge: DELTA})
+        meter_provider = MeterProvider(metric_readers=[reader])
+        trace.set_tracer_provider(tracer_provider)
+        metrics.set_meter_provider(meter_provider)
+        assert trace.get_tracer_provider() is tracer_provider, "another module set a provider first"
+        _installed.append(Exported(exporter, reader))
+    exported = _installed[0]
+    exported.reset()
+    return exported
 
 
 class Exported:
