@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DRAFT_COST = 0.45  # see the module docstring: 0.4-0.65 measured; the low end. Edit/fresh speed
-# ratios on SmolLM2 (benchmarks/speculative.py, B=1): 0.2 -> 1.22x/0.93x, 0.3 -> 1.09x/1.01x,
-# 0.45 -> 1.20x/1.01x (runs differ by about 5%)
+# ratios on SmolLM2 (benchmarks/speculative.py, B=1, 2 rounds): 0.2 -> 1.22x/0.93x,
+# 0.3 -> 1.09x/1.01x, 0.45 -> 1.06-1.21x/0.97-1.01x (runs differ by 5-10%)
 
 
 @dataclass(frozen=True)
