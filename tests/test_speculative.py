@@ -314,6 +314,21 @@ def test_bad_speculative_options_are_refused(tiny_qwen2, kwargs, words):
         LlamaGenerator(tiny_qwen2, n_ctx=256, **kwargs)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5),
+                 st.booleans(), st.text(max_size=3), st.none()))
+def test_draft_cost_is_taken_exactly_when_it_is_a_share_of_a_step(value):
+    from tongyi_local.backends.llama import _speculative_config
+
+    valid = (isinstance(value, (int, float)) and not isinstance(value, bool)
+             and 0 <= value <= 1)
+    if valid:
+        assert _speculative_config("ngram", 3, 8, value).draft_cost == float(value)
+    else:
+        with pytest.raises(InvalidRequestError, match="draft_cost must be a number in"):
+            _speculative_config("ngram", 3, 8, value)
+
+
 def test_speculation_is_on_by_default_and_can_be_left_out_at_load(tiny_qwen2):
     with LlamaGenerator(tiny_qwen2, n_ctx=256) as gen:
         assert gen.speculative == "ngram"
